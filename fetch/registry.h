@@ -1,0 +1,73 @@
+// RegistryClient: the OCI distribution API as modelfs uses it, plus the part-parallel blob
+// Fetcher over the same connection pool.
+//
+//   GET  <registry>/v2/<repository>/manifests/<reference>     (GetManifest)
+//   GET  <registry>/v2/<repository>/blobs/<digest>            (Fetcher::Start, GetBlob)
+//
+// Auth: a 401 with `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is answered by asking the
+// realm for a token (anonymously, or with the credentials configured for that registry host),
+// then retrying with `Authorization: Bearer`; a Basic challenge is answered with basic auth.
+// Tokens are cached per (registry, scope) until they expire. Blob GETs follow redirects; the
+// Authorization header is never sent to a host other than the registry's. Only http and https
+// URLs are followed, and plain http only where the registry URL itself says http.
+//
+// Thread-safe. Blocking calls (GetManifest, GetBlob) must not be made on the fetch loop thread.
+// The client owns the fetch loop thread ("modelfs-curl"): one libcurl multi handle and every
+// easy handle live there.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "base/status.h"
+#include "fetch/fetcher.h"
+
+namespace modelfs::fetch {
+
+struct Credentials {
+  std::string username;
+  std::string password;  // or an identity token
+};
+
+struct ClientOptions {
+  std::string ca_file;          // extra trust anchors (PEM); empty = system CAs only
+  bool insecure = false;        // skip TLS verification (loudly logged)
+  // Credentials by registry host ("registry.example.com:5000"); see LoadCredentials.
+  std::map<std::string, Credentials> credentials;
+  FetchOptions fetch;
+  int max_connections = 64;     // across all blobs and registries
+  double connect_timeout_s = 10;
+  double request_timeout_s = 30;  // for manifests, tokens and other small requests
+  std::string user_agent = "modelfs/0.1";
+};
+
+// Reads credentials from a docker-style config file (`{"auths": {"host": {"auth": base64(user:pw)}
+// or {"username":…,"password":…}}}`). A missing file is not an error when optional is true.
+StatusOr<std::map<std::string, Credentials>> LoadCredentials(const std::string& path,
+                                                            bool optional);
+
+struct ManifestResponse {
+  std::string body;          // the exact bytes the registry sent
+  std::string content_type;  // Content-Type header, parameters stripped
+};
+
+class RegistryClient : public Fetcher {
+ public:
+  static StatusOr<std::unique_ptr<RegistryClient>> Create(ClientOptions options);
+  ~RegistryClient() override;
+
+  // reference is a tag or a "sha256:…" digest. NotFound when the registry says the manifest
+  // or repository is unknown; Unavailable when the registry cannot be reached; Unauthenticated
+  // when credentials are rejected. Bodies over 4 MiB are refused.
+  virtual StatusOr<ManifestResponse> GetManifest(const std::string& registry,
+                                                 const std::string& repository,
+                                                 const std::string& reference) = 0;
+  // A whole small blob (config, template, params…) in memory; refuses blobs over max_bytes.
+  virtual StatusOr<std::string> GetBlob(const BlobLocation& where, uint64_t max_bytes) = 0;
+
+ protected:
+  RegistryClient() = default;
+};
+
+}  // namespace modelfs::fetch

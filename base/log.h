@@ -35,9 +35,15 @@ class LogLine {
   std::ostringstream out_;
 };
 
+// Makes `LOG(x) << a << b` one expression of type void, so `if (c) LOG(kInfo) << …;` has no
+// dangling else (glog's trick: & binds looser than <<).
+struct LogVoidify {
+  void operator&(const LogLine&) {}
+};
+
 }  // namespace modelfs
 
-#define LOG(level)                                                      \
-  if (::modelfs::LogLevel::level < ::modelfs::GetLogLevel()) {          \
-  } else                                                                \
-    ::modelfs::LogLine(::modelfs::LogLevel::level)
+#define LOG(level)                                              \
+  (::modelfs::LogLevel::level < ::modelfs::GetLogLevel())       \
+      ? (void)0                                                 \
+      : ::modelfs::LogVoidify() & ::modelfs::LogLine(::modelfs::LogLevel::level)

@@ -12,7 +12,26 @@
 //
 // Threads: Cache and Blob are safe for concurrent use. Blob callbacks (WhenReadable) run either
 // on the caller's thread (bytes already there) or on a cache thread (fetch loop or hasher);
-// they must not block.
+// they must not block, and must not call Cache::Shutdown or drop what keeps the Cache alive.
+// They run with no cache lock held, so calling back into the Blob is fine.
+//
+// Thread contract (details and lock order in cache/blob.h):
+//   caller threads   OpenBlob, WhenReadable, Materialize, GetStatus, manifests; a read of
+//                    present bytes is answered on the caller's thread.
+//   fetch loop       Sink::Write/Failed: pwrite into partial/, mark bytes present, answer the
+//                    readers whose ranges just completed (non-strict mode).
+//   "modelfs-hash"   one thread per Cache: follows each blob's contiguous present prefix with
+//                    SHA-256 (1 MiB preads, blobs take turns every 64 MiB), commits or fails the
+//                    blob, answers strict readers, saves resume state (~1/s or per 256 MiB,
+//                    fdatasync first), and polls blobs another process is fetching.
+// Lock order: Cache::mu_ → Blob hash_mu_ → Blob fetch_mu_ → Blob mu_ → worker queue. The fetch
+// loop thread only takes Blob mu_ and the worker queue lock; a Fetch is never destroyed under
+// a lock the loop thread can take.
+//
+// Several processes may share one cache dir: whoever holds flock(LOCK_EX) on the partial data
+// file fetches that blob; others fetch nothing for it, and about once a second check whether
+// blobs/ has it (then serve it) or the lock is free (then take over from the saved state).
+// Another process's partial bytes are not served before it commits.
 #pragma once
 
 #include <cstdint>
@@ -34,8 +53,13 @@ struct CacheOptions {
   // Only fetch what readers ask for (no whole-blob background materialization).
   bool lazy = false;
   uint64_t max_bytes = 0;  // 0 = no limit (eviction is issue #4)
+  // Repair seam: the hasher also records a SHA-256 per piece of this size (in memory), so a
+  // digest mismatch can later be narrowed to bad pieces. 0 turns it off (halves hashing CPU).
+  uint64_t piece_size = 64ull << 20;
 };
 
+// kMissing: not complete and nothing is fetching it (a lazy blob nobody has read yet).
+// kFetching: being fetched, by us or by another process sharing the cache dir.
 enum class BlobState { kMissing, kFetching, kVerified, kFailed };
 std::string_view BlobStateName(BlobState s);
 
@@ -56,7 +80,8 @@ class Blob {
   virtual uint64_t size() const = 0;
 
   // Starts fetching whatever is missing (unless the cache is lazy). Idempotent; a no-op for a
-  // verified blob.
+  // verified blob. The Cache then keeps the Blob (and its fetch) alive after the last caller's
+  // reference is dropped, until it is verified, fails, or the Cache shuts down.
   virtual void Materialize() = 0;
 
   // Calls ready exactly once: with OK and a file descriptor from which [offset, offset + len)
@@ -64,7 +89,7 @@ class Blob {
   // mode); or with an error (kDataLoss when the digest did not match, kCancelled on shutdown,
   // the fetch's error when it gave up). A range past the end is clamped to the blob. A missing
   // range is fetched at once, ahead of background work. The fd stays valid until the Blob is
-  // destroyed.
+  // destroyed. In strict mode a reader makes the whole blob be fetched, even in a lazy cache.
   using ReadyFn = std::function<void(const modelfs::Status& status, int fd)>;
   virtual void WhenReadable(uint64_t offset, uint64_t len, ReadyFn ready) = 0;
 
@@ -82,7 +107,8 @@ class Cache {
   virtual const std::string& dir() const = 0;
 
   // Manifests by key "<host>/<ns>/<model>/<tag>" (four components, each a valid name part:
-  // no "/", no NUL, not "." or ".."). Writes are atomic (temp file + rename).
+  // 1-255 bytes, no "/", no NUL, not "." or ".."; else kInvalidArgument). Writes are atomic (temp
+  // file + rename).
   virtual Status PutManifest(const std::string& key, std::string_view bytes) = 0;
   virtual StatusOr<std::string> GetManifest(const std::string& key) = 0;
   virtual std::vector<std::string> ListManifests() = 0;
@@ -93,7 +119,9 @@ class Cache {
   // True when blobs/sha256-<hex> exists (a verified, committed blob).
   virtual bool HasBlob(const Digest& digest) = 0;
 
-  // Fails every parked reader with kCancelled and stops every fetch. Called before unmount.
+  // Fails every parked reader with kCancelled, stops every fetch and saves resume state. Called
+  // before unmount; the destructor calls it too. Afterwards OpenBlob fails (kCancelled) and
+  // Blobs still held answer kCancelled, except verified ones, which stay readable.
   virtual void Shutdown() = 0;
 };
 

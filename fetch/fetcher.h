@@ -22,7 +22,7 @@ struct BlobLocation {
   std::string registry;    // base URL, "https://registry.ollama.ai" or "http://127.0.0.1:5000"
   std::string repository;  // "library/llama3.2"
   Digest digest;
-  uint64_t size = 0;       // from the manifest; the fetch never asks the server for it
+  uint64_t size = 0;  // from the manifest; the fetch never asks the server for it
 };
 
 class Sink {
@@ -34,20 +34,39 @@ class Sink {
   // fails the fetch.
   virtual Status Write(uint64_t offset, const void* data, size_t len) = 0;
   // The fetch gave up: [range] (or the whole blob) cannot be fetched. Called at most once per
-  // range; the Fetch stays alive and idle afterwards.
+  // range; the Fetch stays alive and idle afterwards. A later Demand()/Refetch() tries again
+  // (and may end in another Failed). Also called with kCancelled when the Fetcher shuts down
+  // while this fetch still had work.
   virtual void Failed(const Status& status) = 0;
 };
 
 struct FetchOptions {
   uint64_t part_size = 64ull << 20;
-  int concurrency = 32;       // parts in flight for this blob
-  double stall_timeout_s = 10;
+  int concurrency = 32;         // parts in flight for this blob
+  double stall_timeout_s = 10;  // no byte for this long (also before the first) = stalled
+  // Extra parts a Demand() may start beyond `concurrency` (and beyond the global cap).
+  int demand_slots = 4;
+  // Retries of transient errors (connection, reset, 5xx, stall): backoff base·2^n with jitter,
+  // capped; a part fails after max_tries attempts without progress.
+  double retry_base_delay_s = 0.5;
+  double retry_max_delay_s = 30;
+  int max_tries = 8;
+  double max_retry_after_s = 60;  // cap on a server's Retry-After
+  // Slow parts: below slow_fraction of the median rate after slow_grace_s, re-requested on a
+  // fresh connection at most max_slow_refetches times.
+  double slow_grace_s = 5;
+  double slow_fraction = 0.1;
+  int max_slow_refetches = 3;
+  // Parts are split (demand, tail) only when each side keeps at least this many bytes.
+  uint64_t min_split_bytes = 1ull << 20;
+  double disk_full_retry_s = 1;  // Sink::Write said kResourceExhausted: try again after this
+  int max_reresolves = 3;        // per part, when a signed CDN URL is refused (401/403/404/410)
 };
 
 // Counters for status output and tests. Monotonic except in_flight.
 struct FetchStats {
-  uint64_t bytes_written = 0;   // bytes handed to Sink::Write successfully
-  uint64_t bytes_requested = 0; // sum of Range lengths asked of servers
+  uint64_t bytes_written = 0;    // bytes handed to Sink::Write successfully
+  uint64_t bytes_requested = 0;  // sum of Range lengths asked of servers
   int parts_in_flight = 0;
   int retries = 0;
   int stalls = 0;
@@ -57,12 +76,16 @@ struct FetchStats {
 };
 
 // One blob's transfer. Destroying it cancels every request it has in flight; once the destructor
-// returns, its Sink is never called again.
+// returns, its Sink is never called again. Do not destroy it on the loop thread (from inside a
+// Sink call).
 class Fetch {
  public:
   virtual ~Fetch() = default;
   // Fetch [offset, offset + len) ahead of everything queued (a blocked reader needs it).
-  // Bytes already written or in flight are not asked for twice.
+  // Bytes already written or in flight are not asked for twice. Only the first part_size missing
+  // bytes jump the queue (newest demand first, splitting an in-flight part if they lie in its
+  // unreached tail); the rest joins the background queue, so a bulk Demand cannot starve later
+  // readers.
   virtual void Demand(uint64_t offset, uint64_t len) = 0;
   // Fetch these ranges again even though they were written before (repair of a bad part).
   virtual void Refetch(uint64_t offset, uint64_t len) = 0;

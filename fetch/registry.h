@@ -11,9 +11,16 @@
 // Authorization header is never sent to a host other than the registry's. Only http and https
 // URLs are followed, and plain http only where the registry URL itself says http.
 //
-// Thread-safe. Blocking calls (GetManifest, GetBlob) must not be made on the fetch loop thread.
-// The client owns the fetch loop thread ("modelfs-curl"): one libcurl multi handle and every
-// easy handle live there.
+// Thread-safe. Blocking calls (GetManifest, GetBlob) must not be made on the fetch loop thread
+// (they return kInternal there). The client owns the fetch loop thread ("modelfs-curl"): one
+// libcurl multi handle and every easy handle live there. Destroying the client cancels every
+// request and joins that thread: blocked callers get kCancelled, and each Fetch that still had
+// work gets Sink::Failed(kCancelled). Fetch handles may outlive the client (they go idle).
+//
+// TLS: ca_file's certificates are trusted in addition to the system store (the system bundle and
+// the file are handed to libcurl together as one CA blob). Proxies: libcurl's HTTP(S)_PROXY /
+// NO_PROXY environment handling applies. Logs and error messages never carry credentials,
+// tokens, or the query string of a (signed) URL.
 #pragma once
 
 #include <map>

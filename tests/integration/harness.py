@@ -249,6 +249,134 @@ class Registry:
         return "Registry(%s, dir=%s)" % (self.url, self.dir)
 
 
+class Nginx:
+    """nginx (Debian's nginx-light) as a child process on a free loopback port.
+
+    `server_body` is the inside of the `server { }` block (listen is added); `http_extra` goes in
+    the `http { }` block (split_clients, upstreams, proxy_cache_path). The access log records
+    `$request_uri $status $body_bytes_sent $http_range` per line (read with access_log()), so
+    tests can count the bytes an origin served. `{{DIR}}` in either string is replaced with this
+    server's directory (for cache paths and roots).
+    """
+
+    def __init__(self, server_body, http_extra="", start_timeout=20.0):
+        self.dir = tempfile.mkdtemp(prefix="modelfs-nginx-")
+        self.access_log_path = os.path.join(self.dir, "access.log")
+        self.error_log_path = os.path.join(self.dir, "error.log")
+        self.process = None
+        self.port = None
+        self.url = None
+        server_body = server_body.replace("{{DIR}}", self.dir)
+        http_extra = http_extra.replace("{{DIR}}", self.dir)
+        try:
+            for _ in range(3):
+                port = free_port()
+                conf = os.path.join(self.dir, "nginx.conf")
+                with open(conf, "w") as f:
+                    f.write(self._config(port, server_body, http_extra))
+                self.process = subprocess.Popen(
+                    ["nginx", "-c", conf, "-p", self.dir, "-g", "daemon off;"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=open(self.error_log_path, "ab"), start_new_session=True)
+                self.port, self.url = port, "http://127.0.0.1:%d" % port
+                try:
+                    wait_until(self._ready, start_timeout, "nginx on %s" % self.url)
+                    return
+                except RuntimeError:
+                    if "in use" not in _tail(self.error_log_path):
+                        raise
+            raise RuntimeError("nginx could not bind a port")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _config(self, port, server_body, http_extra):
+        d = self.dir
+        return f"""
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  log_format bytes '$request_uri $status $body_bytes_sent "$http_range"';
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy_temp;
+  fastcgi_temp_path {d}/fastcgi_temp;
+  uwsgi_temp_path {d}/uwsgi_temp;
+  scgi_temp_path {d}/scgi_temp;
+  keepalive_requests 100000;
+  sendfile on;
+  {http_extra}
+  server {{
+    listen 127.0.0.1:{port};
+    access_log {self.access_log_path} bytes;
+    {server_body}
+  }}
+}}
+"""
+
+    def _ready(self):
+        if self.process.poll() is not None:
+            raise RuntimeError("nginx exited with %s: %s"
+                               % (self.process.returncode, _tail(self.error_log_path)))
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def access_log(self):
+        """[(uri, status, body_bytes_sent, range_header)] for every request so far."""
+        out = []
+        if os.path.exists(self.access_log_path):
+            with open(self.access_log_path) as f:
+                for line in f:
+                    parts = line.rstrip("\n").split(" ", 3)
+                    if len(parts) == 4:
+                        out.append((parts[0], int(parts[1]), int(parts[2]), parts[3].strip('"')))
+        return out
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def rate_limited_proxy(upstream_url, rate="1m", slow_share=None, slow_rate="200k"):
+    """An Nginx reverse proxy to upstream_url whose responses are sent at `rate` bytes/s per
+    connection; with slow_share (e.g. "5%"), that share of requests crawls at slow_rate."""
+    http_extra = ""
+    rate_expr = rate
+    if slow_share:
+        http_extra = f"""split_clients "$request_id" $modelfs_rate {{
+    {slow_share} {slow_rate};
+    * {rate};
+  }}"""
+        rate_expr = "$modelfs_rate"
+    server = f"""location / {{
+      proxy_pass {upstream_url};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+      proxy_max_temp_file_size 0;
+      limit_rate {rate_expr};
+    }}"""
+    return Nginx(server, http_extra)
+
+
 class CdnServer:
     """A static file server standing in for a blob CDN (the target of a registry's 307).
 

@@ -1,0 +1,212 @@
+// Internals of the cache: the per-Cache Core (directory fds, options, the worker thread) and
+// BlobImpl, the one object per digest that owns a blob's file, its fetch, its hash frontier and
+// its parked readers. Not part of the cache's public API (see cache.h).
+//
+// Threads:
+//   - Caller threads (FUSE workers, commands): Blob methods, OpenBlob.
+//   - The fetch loop thread ("modelfs-curl"): Sink::Write / Sink::Failed. Never blocks on a
+//     reader; may answer parked readers whose bytes just arrived.
+//   - The worker thread ("modelfs-hash", one per Cache): advances every blob's hash frontier,
+//     commits or fails it, persists state files (fdatasync + atomic rename), polls blobs locked
+//     by another process, and destroys ReadyFn objects that ran on the fetch loop thread (so
+//     the loop thread never drops the last reference to a Blob, whose destructor would wait for
+//     the loop thread).
+//
+// Lock order (a lock may only be taken while holding the ones to its left):
+//   Cache::mu_  →  BlobImpl::hash_mu_  →  BlobImpl::fetch_mu_  →  BlobImpl::mu_  →  Worker::mu_
+// Core::pin_mu and Core::lock_mu are leaves (nothing is taken under them). Waiting on
+// Core::lock_cv (for a dying Blob of ours to drop its flock) happens under Cache::mu_ and the
+// new Blob's hash_mu_; a dying Blob needs neither.
+// The fetch loop thread only ever takes BlobImpl::mu_, Worker::mu_ and Core::pin_mu.
+// Fetch::Demand/Start are called under fetch_mu_ (they post to the loop thread and never wait for
+// it). A Fetch is destroyed (which waits for the loop thread) with no lock held but hash_mu_, which
+// the loop thread never takes. ReadyFn callbacks run with no lock held.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/digest.h"
+#include "base/range_set.h"
+#include "base/unique_fd.h"
+#include "cache/cache.h"
+#include "fetch/fetcher.h"
+
+namespace modelfs::cache {
+
+class BlobImpl;
+
+// One thread running posted tasks in order, plus a tick every second over registered blobs.
+class Worker {
+ public:
+  Worker();
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Runs task on the worker thread. False (task not run, destroyed here) once stopped.
+  bool Post(std::function<void()> task);
+  // Calls Tick() on blob about once a second while it lives.
+  void Register(std::weak_ptr<BlobImpl> blob);
+  // Runs no further task; joins the thread. Idempotent.
+  void Stop();
+
+ private:
+  void Run();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;      // GUARDED_BY(mu_)
+  std::vector<std::weak_ptr<BlobImpl>> ticked_;  // GUARDED_BY(mu_)
+  bool stop_ = false;                            // GUARDED_BY(mu_)
+  std::thread thread_;
+};
+
+// Shared by a Cache and its Blobs (a Blob may outlive its Cache).
+struct Core {
+  std::string dir;
+  UniqueFd dir_fd, blobs_fd, partial_fd, manifests_fd;
+  fetch::Fetcher* fetcher = nullptr;
+  CacheOptions options;
+  Worker worker;
+  std::atomic<bool> disk_full{false};     // "log once" latch for ENOSPC
+  std::atomic<uint64_t> bytes_hashed{0};  // total bytes fed to SHA-256, for tests and stats
+  // Blobs being materialized stay alive (and keep fetching) after their last reader closes,
+  // until they are verified or fail, or the Cache shuts down. pin_mu is a leaf lock; a pin is
+  // always dropped outside it, and never on the fetch loop thread.
+  std::mutex pin_mu;
+  std::map<Digest, std::shared_ptr<BlobImpl>> pinned;  // GUARDED_BY(pin_mu)
+  // Blobs whose bytes did not match their digest, with when the failure stops being remembered:
+  // re-opening one fails at once instead of downloading (and serving) the same bad bytes again.
+  std::map<Digest, std::pair<Status, std::chrono::steady_clock::time_point>>
+      recent_failures;  // GUARDED_BY(pin_mu)
+  // Partial files whose flock a Blob of this process holds. A Blob's destructor may still be
+  // running (saving state) when the same digest is opened again; the new Blob waits for it here
+  // instead of mistaking it for another process. lock_mu is a leaf lock.
+  std::mutex lock_mu;
+  std::condition_variable lock_cv;
+  std::set<Digest> locked;  // GUARDED_BY(lock_mu)
+};
+
+class BlobImpl final : public Blob,
+                       public fetch::Sink,
+                       public std::enable_shared_from_this<BlobImpl> {
+ public:
+  // Opens blobs/ (complete) or partial/ (data + state) for where. Fails on a symlink or other
+  // odd file where a blob file should be.
+  static StatusOr<std::shared_ptr<BlobImpl>> Create(std::shared_ptr<Core> core,
+                                                    const fetch::BlobLocation& where);
+  ~BlobImpl() override;
+
+  const Digest& digest() const override { return where_.digest; }
+  uint64_t size() const override { return where_.size; }
+  void Materialize() override;
+  void WhenReadable(uint64_t offset, uint64_t len, ReadyFn ready) override;
+  BlobStatus GetStatus() const override;
+
+  Status Write(uint64_t offset, const void* data, size_t len) override;
+  void Failed(const Status& status) override;
+
+  // Worker thread: hash what is contiguous past the frontier (bounded per call, for fairness
+  // between blobs), commit or fail at the end.
+  void HashStep();
+  // Worker thread, ~1/s: persist state if due; retry the lock when another process owns it.
+  void Tick();
+  // Fails parked readers with kCancelled, stops the fetch, persists state. Idempotent.
+  void Shutdown();
+
+  // Tests: returns once the worker has run everything posted before the call.
+  void SyncWorkerForTest();
+  // Tests: bytes this Cache's hasher has fed to SHA-256 (all blobs).
+  uint64_t BytesHashedForTest() const { return core_->bytes_hashed.load(); }
+
+ private:
+  struct Waiter {
+    uint64_t begin, end;
+    ReadyFn ready;
+  };
+  // Answers decided under hash_mu_, given after it is released (a ReadyFn may call back in).
+  struct Deferred {
+    std::vector<Waiter> waiters;
+    Status status;
+    int fd;
+    std::shared_ptr<BlobImpl> unpinned;  // dropped after the answers, outside hash_mu_
+  };
+  using Clock = std::chrono::steady_clock;
+
+  BlobImpl(std::shared_ptr<Core> core, const fetch::BlobLocation& where);
+  // Opens the committed blob or takes ownership of the partial. Called from Create (no other
+  // reference exists yet) and from Tick while waiting on another process.
+  Status Acquire();
+  Status AcquireLocked();  // REQUIRES: hash_mu_ held
+  void LoadStateLocked();  // REQUIRES: hash_mu_ held; owner_ just became true
+  // Starts the Fetch if needed (whole blob when full, else lazy) and demands these ranges.
+  void EnsureFetch(bool full, const std::vector<ByteRange>& demand);
+  void PostHashStep();
+  void MaybePersistLocked(bool force);  // REQUIRES: hash_mu_ held
+  void HashStepLocked();                // REQUIRES: hash_mu_ held
+  void TickLocked();                    // REQUIRES: hash_mu_ held
+  void FinishLocked();                  // REQUIRES: hash_mu_ held; frontier == size
+  void FailLocked(const Status& status, bool remove_files);  // REQUIRES: hash_mu_ held
+  std::unique_ptr<fetch::Fetch> TakeFetch(bool close);
+  void Pin();
+  std::shared_ptr<BlobImpl> Unpin();
+  // Runs the callbacks with no lock held, then hands the ReadyFn objects to the worker to be
+  // destroyed there (see the thread notes above).
+  void Answer(std::vector<Waiter> waiters, const Status& status, int fd, bool on_loop_thread);
+
+  const std::shared_ptr<Core> core_;
+  const fetch::BlobLocation where_;
+  const std::string name_;        // sha256-<hex>
+  const std::string state_name_;  // sha256-<hex>.state
+
+  // Hash frontier. Taken by the worker for a whole HashStep and by persistence.
+  std::mutex hash_mu_;
+  Sha256 sha_;               // GUARDED_BY(hash_mu_): state after [0, frontier_)
+  uint64_t piece_size_ = 0;  // repair seam: SHA-256 per piece of this size
+  Sha256 piece_sha_;         // GUARDED_BY(hash_mu_)
+  bool piece_valid_ = true;  // GUARDED_BY(hash_mu_): false when resumed mid-piece
+  std::vector<std::pair<Digest, bool>> piece_digests_;  // GUARDED_BY(hash_mu_): (digest, valid)
+  std::vector<char> buf_;                               // GUARDED_BY(hash_mu_)
+  Clock::time_point last_persist_;                      // GUARDED_BY(hash_mu_)
+  std::vector<Deferred> deferred_;                      // GUARDED_BY(hash_mu_)
+  bool persist_failing_ = false;                        // GUARDED_BY(hash_mu_)
+
+  // The Fetch; created on first need, destroyed on commit, failure, shutdown.
+  mutable std::mutex fetch_mu_;
+  std::unique_ptr<fetch::Fetch> fetch_;  // GUARDED_BY(fetch_mu_)
+  bool fetch_closed_ = false;            // GUARDED_BY(fetch_mu_): never start another
+  bool fetch_full_ = false;              // GUARDED_BY(fetch_mu_): asked for the whole blob
+  fetch::FetchStats last_stats_;         // GUARDED_BY(fetch_mu_): of the Fetch last destroyed
+
+  mutable std::mutex mu_;
+  BlobState state_ = BlobState::kMissing;  // GUARDED_BY(mu_)
+  bool owner_ = false;                     // GUARDED_BY(mu_): we hold the flock on the partial file
+  bool in_locked_ = false;                 // GUARDED_BY(hash_mu_): our digest is in core_->locked
+  bool shutdown_ = false;                  // GUARDED_BY(mu_)
+  bool closing_ = false;      // GUARDED_BY(mu_): the Fetch is being destroyed; ignore its Failed()
+  bool discarded_ = false;    // GUARDED_BY(mu_): partial files removed (mismatch): never persist
+  bool materialize_ = false;  // GUARDED_BY(mu_): Materialize() was called
+  bool hash_queued_ = false;  // GUARDED_BY(mu_): a HashStep is posted
+  bool dirty_ = false;        // GUARDED_BY(mu_): present/frontier changed since last persist
+  uint64_t unpersisted_bytes_ = 0;  // GUARDED_BY(mu_)
+  bool persist_queued_ = false;     // GUARDED_BY(mu_)
+  UniqueFd fd_;                     // GUARDED_BY(mu_): the fd readers get
+  std::vector<UniqueFd> old_fds_;   // GUARDED_BY(mu_): fds handed out earlier stay open
+  RangeSet present_;                // GUARDED_BY(mu_)
+  uint64_t frontier_ = 0;           // GUARDED_BY(mu_): mirrors sha_ for status
+  Status failure_;                  // GUARDED_BY(mu_)
+  std::vector<Waiter> waiters_;     // GUARDED_BY(mu_): unsorted; a few hundred at most
+};
+
+}  // namespace modelfs::cache

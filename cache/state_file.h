@@ -1,0 +1,45 @@
+// The resume record of a partial blob, partial/sha256-<hex>.state. A text file:
+//
+//   modelfs-partial-state 1
+//   digest sha256:<64 hex>
+//   size <bytes>
+//   frontier <bytes hashed from offset 0>
+//   sha256 <hex of Sha256::SaveState() at the frontier>
+//   range <begin> <end>              one line per present range, ascending, disjoint
+//   checksum <64 hex>                SHA-256 of every byte above this line
+//
+// Decode trusts nothing: any malformed line, unknown version, wrong digest or size, unsorted or
+// out-of-bounds range, frontier outside the present prefix or bad checksum rejects the whole
+// file (the caller then starts from nothing). A well-formed hash state this build cannot load
+// only resets the frontier to 0. Pure; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "base/digest.h"
+#include "base/range_set.h"
+#include "base/status.h"
+
+namespace modelfs::cache {
+
+struct PartialState {
+  Digest digest;
+  uint64_t size = 0;
+  RangeSet present;
+  uint64_t frontier = 0;
+  std::string sha_state;  // Sha256::SaveState() after hashing [0, frontier)
+  // Decode only: the saved hash state was unusable here, so frontier and sha_state were reset
+  // to the start (the present ranges are still good).
+  bool hash_reset = false;
+};
+
+inline constexpr int kStateVersion = 1;
+
+std::string EncodeState(const PartialState& state);
+// Fails (kDataLoss for corruption, kFailedPrecondition for another version/blob/size) when the
+// text is not a valid record for exactly this digest and size.
+StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, uint64_t size);
+
+}  // namespace modelfs::cache

@@ -1,0 +1,94 @@
+#include "cache/state_file.h"
+
+#include <gtest/gtest.h>
+
+namespace modelfs::cache {
+namespace {
+
+PartialState Sample() {
+  PartialState s;
+  s.digest = Sha256::Of("blob");
+  s.size = 1000;
+  s.present.Add(0, 128);
+  s.present.Add(500, 700);
+  Sha256 h;
+  std::string zeros(64, 'x');
+  h.Update(zeros.data(), zeros.size());
+  s.frontier = 64;
+  s.sha_state = h.SaveState();
+  return s;
+}
+
+// Re-signs a body edited by a test, so only the edit (not the checksum) is what gets rejected.
+std::string Resign(std::string text) {
+  size_t last = text.rfind("checksum ");
+  std::string body = text.substr(0, last);
+  return body + "checksum " + Sha256::Of(body).Hex() + "\n";
+}
+
+std::string Replace(std::string text, const std::string& from, const std::string& to) {
+  size_t pos = text.find(from);
+  EXPECT_NE(pos, std::string::npos) << from;
+  return text.replace(pos, from.size(), to);
+}
+
+TEST(StateFileTest, RoundTrips) {
+  PartialState s = Sample();
+  auto got = DecodeState(EncodeState(s), s.digest, s.size);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->present, s.present);
+  EXPECT_EQ(got->frontier, 64u);
+  EXPECT_EQ(got->sha_state, s.sha_state);
+}
+
+TEST(StateFileTest, RejectsCorruptionAndTruncation) {
+  PartialState s = Sample();
+  std::string text = EncodeState(s);
+  std::string flipped = text;
+  flipped[text.find("range 500") + 6] = '6';
+  EXPECT_EQ(DecodeState(flipped, s.digest, s.size).status().code(), Code::kDataLoss);
+  for (size_t cut : {size_t{0}, size_t{1}, text.size() / 2, text.size() - 1}) {
+    EXPECT_FALSE(DecodeState(text.substr(0, cut), s.digest, s.size).ok()) << cut;
+  }
+  EXPECT_FALSE(DecodeState("", s.digest, s.size).ok());
+}
+
+TEST(StateFileTest, RejectsOtherVersionBlobOrSize) {
+  PartialState s = Sample();
+  std::string text = EncodeState(s);
+  EXPECT_EQ(DecodeState(Resign(Replace(text, "state 1\n", "state 2\n")), s.digest, s.size)
+                .status()
+                .code(),
+            Code::kFailedPrecondition);
+  EXPECT_EQ(DecodeState(text, s.digest, s.size + 1).status().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(DecodeState(text, Sha256::Of("other"), s.size).status().code(),
+            Code::kFailedPrecondition);
+}
+
+TEST(StateFileTest, RejectsInconsistentContents) {
+  PartialState s = Sample();
+  std::string text = EncodeState(s);
+  // Range past the end, unsorted ranges, empty range, frontier past the present prefix, a hash
+  // state that does not match the frontier.
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "range 500 700", "range 500 1001")), s.digest, s.size).ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "range 500 700", "range 50 70")), s.digest, s.size).ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "range 500 700", "range 500 500")), s.digest, s.size).ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "range 0 128", "range 0 32")), s.digest, s.size).ok());
+  // A hash state that does not fit the frontier: ranges kept, hashing restarts at 0.
+  auto reset = DecodeState(Resign(Replace(text, "frontier 64", "frontier 128")), s.digest, s.size);
+  ASSERT_TRUE(reset.ok());
+  EXPECT_TRUE(reset->hash_reset);
+  EXPECT_EQ(reset->frontier, 0u);
+  EXPECT_EQ(reset->present, s.present);
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "frontier 64", "frontier 6x")), s.digest, s.size).ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "checksum", "junk\nchecksum")), s.digest, s.size).ok());
+}
+
+}  // namespace
+}  // namespace modelfs::cache

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,8 +20,14 @@ namespace {
 
 constexpr size_t kHashChunk = 1 << 20;                      // pread size for the hasher
 constexpr uint64_t kHashStepBytes = 64ull << 20;            // per HashStep, so blobs take turns
-constexpr uint64_t kPersistBytes = 256ull << 20;            // persist at least this often...
-constexpr auto kPersistInterval = std::chrono::seconds(1);  // ...or this often
+// Resume state is saved after every piece's worth of new bytes (at most every 100 ms), and at
+// least every second: a crash loses about one part, not seconds of download.
+constexpr uint64_t kMinPersistBytes = 4ull << 20;
+constexpr uint64_t kMaxPersistBytes = 256ull << 20;
+constexpr auto kMinPersistGap = std::chrono::milliseconds(100);
+constexpr auto kPersistInterval = std::chrono::seconds(1);
+constexpr std::string_view kDiskFull = "paused: cache disk full";
+constexpr uint64_t kRoomAgainBytes = 8ull << 20;
 constexpr size_t kMaxStateFile = 64 << 20;
 constexpr auto kRememberFailure = std::chrono::seconds(60);  // a known-bad blob fails at once
 
@@ -45,12 +52,36 @@ RangeSet DataIn(int fd, uint64_t begin, uint64_t end) {
   return out;
 }
 
+// Repair mode's write: only bytes that differ from what is on disk are written. Sets
+// *changed_from to the first differing offset (untouched when nothing differs) and adds the
+// number of bytes between the first and last difference to *changed.
+Status CompareAndWrite(int fd, const void* data, size_t len, uint64_t offset,
+                       uint64_t* changed_from, uint64_t* changed) {
+  thread_local std::vector<char> old;
+  old.resize(len);
+  RETURN_IF_ERROR(PreadFull(fd, old.data(), len, offset));
+  const char* p = static_cast<const char*>(data);
+  size_t first = 0;
+  while (first < len && old[first] == p[first]) ++first;
+  if (first == len) return Status::Ok();
+  size_t last = len;
+  while (last > first && old[last - 1] == p[last - 1]) --last;
+  *changed_from = offset + first;
+  *changed += last - first;
+  return PwriteFull(fd, p + first, last - first, offset + first);
+}
+
 }  // namespace
+
+void TouchLastUse(int fd) {
+  const struct timespec times[2] = {{0, UTIME_NOW}, {0, UTIME_OMIT}};  // atime only
+  ::futimens(fd, times);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Worker
 
-Worker::Worker() {
+Worker::Worker(const char* name) : name_(name) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -92,7 +123,7 @@ void Worker::Stop() {
 }
 
 void Worker::Run() {
-  pthread_setname_np(pthread_self(), "modelfs-hash");
+  pthread_setname_np(pthread_self(), name_);
   auto next_tick = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   std::unique_lock<std::mutex> l(mu_);
   while (!stop_) {
@@ -158,6 +189,10 @@ StatusOr<std::shared_ptr<BlobImpl>> BlobImpl::Create(std::shared_ptr<Core> core,
 }
 
 BlobImpl::~BlobImpl() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (state_ == BlobState::kVerified && fd_.valid()) TouchLastUse(fd_.get());  // last close
+  }
   Shutdown();
   std::lock_guard<std::mutex> h(hash_mu_);
   if (!in_locked_) return;
@@ -183,6 +218,10 @@ Status BlobImpl::AcquireLocked() {
       if (S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) == where_.size) {
         // A crash between commit and state removal leaves an orphan; harmless, tidy it.
         ::unlinkat(partial, state_name_.c_str(), 0);
+        // In use: --cache-max never evicts a blob someone holds a lock on. Fails (harmlessly)
+        // while the process that committed it still holds its exclusive lock.
+        ::flock(done.get(), LOCK_SH | LOCK_NB);
+        TouchLastUse(done.get());
         std::lock_guard<std::mutex> l(mu_);
         if (fd_.valid()) old_fds_.push_back(std::move(fd_));
         fd_ = std::move(done);
@@ -275,6 +314,7 @@ void BlobImpl::LoadStateLocked() {
   RangeSet present;
   uint64_t frontier = 0;
   Sha256 sha;
+  std::map<uint64_t, Sha256> checkpoints;
   auto text = ReadFileAt(core_->partial_fd.get(), state_name_, kMaxStateFile);
   if (!text.ok()) {
     if (text.status().code() != Code::kNotFound) {
@@ -303,6 +343,9 @@ void BlobImpl::LoadStateLocked() {
     } else if (st->frontier <= present.PrefixEnd()) {
       frontier = st->frontier;
       sha = *Sha256::LoadState(st->sha_state);  // DecodeState checked it loads
+      for (const auto& [off, state] : st->checkpoints) {
+        checkpoints.emplace(off, *Sha256::LoadState(state));  // so did these
+      }
     } else {
       LOG(kWarn) << what << ": hashed prefix has holes; hashing from the start";
     }
@@ -310,13 +353,7 @@ void BlobImpl::LoadStateLocked() {
                 << where_.size << " bytes present, hashed to " << frontier;
   }
   sha_ = sha;
-  piece_sha_ = Sha256();
-  piece_digests_.clear();
-  if (piece_size_ > 0) {
-    // Digests of pieces hashed before the restart are unknown (repair would re-hash them).
-    piece_digests_.assign(frontier / piece_size_, {Digest(), false});
-    piece_valid_ = frontier % piece_size_ == 0;
-  }
+  checkpoints_ = std::move(checkpoints);  // may lack some (other piece size): repair copes
   std::lock_guard<std::mutex> l(mu_);
   present_ = std::move(present);
   frontier_ = frontier;
@@ -395,6 +432,22 @@ void BlobImpl::WhenReadable(uint64_t offset, uint64_t len, ReadyFn ready) {
   }
 }
 
+void BlobImpl::Prefetch(uint64_t offset, uint64_t len) {
+  const uint64_t size = where_.size;
+  const uint64_t begin = std::min(offset, size);
+  const uint64_t end = len > size - begin ? size : begin + len;
+  std::vector<ByteRange> demand;
+  bool full;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (state_ != BlobState::kFetching || shutdown_ || !owner_) return;
+    demand = present_.Missing(begin, end);
+    if (demand.empty()) return;
+    full = core_->options.strict || (materialize_ && !core_->options.lazy);
+  }
+  EnsureFetch(full, demand);
+}
+
 void BlobImpl::EnsureFetch(bool full, const std::vector<ByteRange>& demand) {
   bool no_fetcher = false;
   {
@@ -413,6 +466,8 @@ void BlobImpl::EnsureFetch(bool full, const std::vector<ByteRange>& demand) {
       // Start() posts to the loop thread; a Sink call it makes takes mu_, which is not held.
       fetch_ = core_->fetcher->Start(where_, full ? missing : std::vector<ByteRange>{}, this);
       fetch_full_ = full;
+      std::lock_guard<std::mutex> l(mu_);
+      sink_fetch_ = fetch_.get();
     } else if (full && !fetch_full_) {
       // A lazy fetch asked to fetch everything: the Fetch API has no "want", so the rest is
       // demanded, behind what readers demanded before.
@@ -438,6 +493,8 @@ BlobStatus BlobImpl::GetStatus() const {
     s.bytes_present = state_ == BlobState::kVerified ? where_.size : present_.TotalBytes();
     s.hash_frontier = state_ == BlobState::kVerified ? where_.size : frontier_;
     if (!failure_.ok()) s.last_error = failure_.ToString();
+    s.condition = condition_;
+    s.bytes_repaired = bytes_repaired_;
   }
   std::lock_guard<std::mutex> f(fetch_mu_);
   s.fetch = fetch_ ? fetch_->Stats() : last_stats_;
@@ -455,34 +512,102 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     return Internal("write past the end of blob " + where_.digest.Short());
   }
   int fd;
+  bool repairing;
+  fetch::Fetch* fetch;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!owner_ || state_ != BlobState::kFetching || shutdown_ || closing_) {
       return Cancelled("blob " + where_.digest.Short() + " is no longer being fetched");
     }
     fd = fd_.get();
+    repairing = repairing_;
+    fetch = sink_fetch_;
   }
-  Status st = PwriteFull(fd, data, len, offset);
+  // The Fetch calling us cannot be destroyed before we return (its destructor waits for the
+  // loop thread), and Stats() only takes a leaf lock.
+  int troubles = 0;
+  if (fetch != nullptr) {
+    fetch::FetchStats fs = fetch->Stats();
+    troubles = fs.retries + fs.stalls + fs.slow_refetches;
+  }
+  uint64_t changed_from = kNone, changed = 0;
+  Status st = repairing ? CompareAndWrite(fd, data, len, offset, &changed_from, &changed)
+                        : PwriteFull(fd, data, len, offset);
   if (!st.ok()) {
     if (st.code() == Code::kResourceExhausted) {
-      if (!core_->disk_full.exchange(true)) {
-        LOG(kWarn) << "cache disk full: fetching paused (" << st.message() << ")";
+      bool first;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        first = condition_ != kDiskFull;
+        condition_ = kDiskFull;
+      }
+      if (!core_->disk_full.exchange(true) || first) {
+        LOG(kWarn) << "cache disk full: fetching " << where_.digest.Short()
+                   << " paused until space frees; nothing written is lost (" << st.message()
+                   << ")";
       }
     } else {
       LOG(kError) << "writing partial/" << name_ << ": " << st.ToString();
     }
     return st;
   }
-  if (core_->disk_full.load(std::memory_order_relaxed) && core_->disk_full.exchange(false)) {
-    LOG(kInfo) << "cache disk has room again: fetching resumed";
+  bool still_full = false;
+  if (core_->disk_full.load(std::memory_order_relaxed)) {
+    // A small write can land in an already allocated block of a full disk: only call it room
+    // again when the filesystem has some (8 MiB, or an eighth of a small one), so the log and
+    // status do not flap every second.
+    struct statvfs vfs;
+    if (::fstatvfs(fd, &vfs) == 0 &&
+        static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize <
+            std::min<uint64_t>(kRoomAgainBytes, static_cast<uint64_t>(vfs.f_blocks) *
+                                                    vfs.f_frsize / 8)) {
+      still_full = true;
+    } else if (core_->disk_full.exchange(false)) {
+      LOG(kInfo) << "cache disk has room again: fetching resumed";
+    }
   }
+  if (changed > 0) core_->bytes_repaired.fetch_add(changed, std::memory_order_relaxed);
   std::vector<Waiter> done;
-  bool hash = false, persist = false;
+  bool hash = false, persist = false, repair_step = false;
   {
     std::lock_guard<std::mutex> l(mu_);
+    if (condition_ == kDiskFull && !still_full) condition_.clear();
+    bytes_repaired_ += changed;
+    const uint64_t piece = PieceSize();
+    const size_t pieces = static_cast<size_t>((where_.size + piece - 1) / piece);
+    if (trouble_.size() != pieces) {
+      trouble_.assign(pieces, 0);
+      runs_.assign(pieces, 0);
+    }
+    if (troubles != trouble_seen_) {
+      if (troubles > trouble_seen_) {
+        // The fetch retried, stalled or re-requested something since the last write: suspect
+        // every piece partly written now (their transfers were the ones in flight).
+        for (const ByteRange& r : present_.Ranges()) {
+          if (r.begin % piece != 0) trouble_[r.begin / piece]++;
+          if (r.end % piece != 0 && r.end < where_.size) trouble_[r.end / piece]++;
+        }
+        trouble_[offset / piece]++;
+      }
+      trouble_seen_ = troubles;
+    }
+    if (offset % piece != 0 && !present_.Contains(offset - 1, offset)) runs_[offset / piece]++;
     present_.Add(offset, offset + len);
     dirty_ = true;
     unpersisted_bytes_ += len;
+    if (!got_last_byte_ && present_.TotalBytes() == where_.size) {
+      got_last_byte_ = true;
+      last_byte_ = Clock::now();
+    }
+    if (repairing_) {
+      const uint64_t b = repair_piece_ * piece, e = std::min(b + piece, where_.size);
+      repair_got_.Add(std::max(b, offset), std::min(e, offset + len));
+      repair_changed_from_ = std::min(repair_changed_from_, changed_from);
+      if (repair_got_.Contains(b, e) && !repair_step_queued_) {
+        repair_step = repair_step_queued_ = true;
+        last_byte_ = Clock::now();
+      }
+    }
     if (!core_->options.strict) {
       // Only a waiter overlapping this write can have just become complete.
       auto it = std::partition(waiters_.begin(), waiters_.end(), [&](const Waiter& w) {
@@ -492,7 +617,8 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
       waiters_.erase(it, waiters_.end());
     }
     if (!hash_queued_ && present_.RunEnd(frontier_) > frontier_) hash = hash_queued_ = true;
-    if (unpersisted_bytes_ >= kPersistBytes && !persist_queued_) persist = persist_queued_ = true;
+    const uint64_t persist_bytes = std::clamp(piece_size_, kMinPersistBytes, kMaxPersistBytes);
+    if (unpersisted_bytes_ >= persist_bytes && !persist_queued_) persist = persist_queued_ = true;
   }
   if (hash) {
     core_->worker.Post([w = weak_from_this()] {
@@ -503,8 +629,13 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     core_->worker.Post([w = weak_from_this()] {
       if (auto b = w.lock()) {
         std::lock_guard<std::mutex> h(b->hash_mu_);
-        b->MaybePersistLocked(/*force=*/true);
+        b->MaybePersistLocked(/*force=*/false);
       }
+    });
+  }
+  if (repair_step) {
+    core_->worker.Post([w = weak_from_this()] {
+      if (auto b = w.lock()) b->RepairStep();
     });
   }
   if (!done.empty()) Answer(std::move(done), Status::Ok(), fd, /*on_loop_thread=*/true);
@@ -577,6 +708,8 @@ void BlobImpl::HashStepLocked() {
     hash_queued_ = false;  // a Write after this point queues another step
     if (state_ != BlobState::kFetching || !owner_ || shutdown_) return;
     from = frontier_;
+    // Repairing with nothing to re-hash: the piece being re-fetched decides (RepairStep).
+    if (repairing_ && from == where_.size) return;
     to = present_.RunEnd(from);
     if (to - from > kHashStepBytes) {
       to = from + kHashStepBytes;
@@ -584,8 +717,12 @@ void BlobImpl::HashStepLocked() {
     }
     fd = fd_.get();
   }
+  const uint64_t piece = PieceSize();
   while (from < to) {
-    size_t n = static_cast<size_t>(std::min<uint64_t>(kHashChunk, to - from));
+    // Repair restarts hashing from the state at a piece boundary: keep one per boundary.
+    if (from % piece == 0) checkpoints_.insert_or_assign(from, sha_);
+    const uint64_t boundary = (from / piece + 1) * piece;
+    size_t n = static_cast<size_t>(std::min({uint64_t{kHashChunk}, to - from, boundary - from}));
     // Data just written is still in the page cache, so this read is cheap.
     Status st = PreadFull(fd, buf_.data(), n, from);
     if (!st.ok()) {
@@ -593,25 +730,6 @@ void BlobImpl::HashStepLocked() {
       return;
     }
     sha_.Update(buf_.data(), n);
-    if (piece_size_ > 0) {
-      // Repair seam: one SHA-256 per piece, so a mismatch can later name the bad piece.
-      uint64_t pos = from;
-      const char* p = buf_.data();
-      size_t left = n;
-      while (left > 0) {
-        uint64_t piece_end = std::min((pos / piece_size_ + 1) * piece_size_, where_.size);
-        size_t k = static_cast<size_t>(std::min<uint64_t>(left, piece_end - pos));
-        piece_sha_.Update(p, k);
-        pos += k;
-        p += k;
-        left -= k;
-        if (pos == piece_end) {
-          piece_digests_.push_back({piece_sha_.Peek(), piece_valid_});
-          piece_sha_ = Sha256();
-          piece_valid_ = true;
-        }
-      }
-    }
     from += n;
     core_->bytes_hashed.fetch_add(n, std::memory_order_relaxed);
     std::lock_guard<std::mutex> l(mu_);
@@ -629,16 +747,16 @@ void BlobImpl::HashStepLocked() {
 void BlobImpl::FinishLocked() {
   const Digest got = sha_.Peek();
   if (got != where_.digest) {
-    LOG(kError) << "digest mismatch for " << where_.digest.ToString() << ": got " << got.ToString()
-                << "; discarding the partial blob";
-    Status bad = DataLoss("digest mismatch for " + where_.digest.ToString() + " (got " +
-                          got.ToString() + ")");
+    bool repairing;
     {
-      std::lock_guard<std::mutex> p(core_->pin_mu);
-      core_->recent_failures[where_.digest] = {
-          bad, std::chrono::steady_clock::now() + kRememberFailure};
+      std::lock_guard<std::mutex> l(mu_);
+      repairing = repairing_;
     }
-    FailLocked(bad, /*remove_files=*/true);
+    if (repairing) {
+      NextRepairLocked(got);
+    } else {
+      StartRepairLocked(got);
+    }
     return;
   }
   int fd;
@@ -648,9 +766,18 @@ void BlobImpl::FinishLocked() {
   }
   const int partial = core_->partial_fd.get(), blobs = core_->blobs_fd.get();
   // Data durable before the name says "complete"; the open fd keeps working across the rename.
+  const Clock::time_point hashed = Clock::now();
   Status st = FsyncFd(fd, "partial/" + name_);
-  if (st.ok() && ::renameat(partial, name_.c_str(), blobs, name_.c_str()) != 0) {
-    st = ErrnoStatus(errno, "commit partial/" + name_ + " to blobs/");
+  const Clock::time_point synced = Clock::now();
+  {
+    std::lock_guard<std::mutex> p(persist_mu_);  // no state file written after the rename
+    if (st.ok() && ::renameat(partial, name_.c_str(), blobs, name_.c_str()) != 0) {
+      st = ErrnoStatus(errno, "commit partial/" + name_ + " to blobs/");
+    }
+    if (st.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      no_state_ = true;
+    }
   }
   if (!st.ok()) {
     FailLocked(st, /*remove_files=*/false);
@@ -663,18 +790,176 @@ void BlobImpl::FinishLocked() {
       LOG(kWarn) << s.ToString();
     }
   }
+  TouchLastUse(fd);
   // Drop the Fetch before announcing kVerified, so a verified blob never has one. Waits for the
   // loop thread; we hold only hash_mu_, which it never takes.
   TakeFetch(/*close=*/true).reset();
   std::vector<Waiter> waiters;
+  bool timed;
+  Clock::time_point last_byte;
   {
     std::lock_guard<std::mutex> l(mu_);
     state_ = BlobState::kVerified;
     dirty_ = false;
+    repairing_ = false;
+    condition_.clear();
     waiters.swap(waiters_);
+    timed = got_last_byte_;
+    last_byte = last_byte_;
   }
-  LOG(kInfo) << "verified " << where_.digest.ToString() << " (" << where_.size << " bytes)";
+  std::string note;
+  if (timed) {
+    auto ms = [](Clock::duration d) {
+      return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+    };
+    const auto now = Clock::now();
+    note = " " + ms(now - last_byte) + " ms after the last byte (hashed " +
+           ms(std::max(hashed - last_byte, Clock::duration::zero())) + " ms, fsync " +
+           ms(synced - hashed) + " ms, rename " + ms(now - synced) + " ms)";
+  }
+  if (repair_total_ > 0) {
+    note += ", repaired after re-fetching " +
+            std::to_string(repair_total_ - repair_queue_.size()) + " of " +
+            std::to_string(repair_total_) + " pieces";
+  }
+  LOG(kInfo) << "verified " << where_.digest.ToString() << " (" << where_.size << " bytes)"
+             << note;
   deferred_.push_back({std::move(waiters), Status::Ok(), fd, Unpin()});
+  QueueEviction(core_);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repair
+//
+// A digest mismatch does not throw the blob away. Pieces (piece_size_ bytes, the fetch's part
+// size) are re-fetched one at a time, suspects first: pieces that were partly written when the
+// fetch reported a retry, stall or slow re-request, then pieces whose bytes arrived in several
+// runs, then the rest in order. While repairing, Write compares what arrives with what is on
+// disk and writes only differing bytes. When a piece is complete again: if nothing differed,
+// the next piece; else hashing restarts from the checkpoint at (or before) the first changed
+// byte, and the frontier runs to the end again: a match commits, a mismatch goes on with the
+// next piece. After every piece has been re-fetched once the blob fails (kDataLoss, the
+// partial removed, the failure remembered).
+// Readers meanwhile: the default mode keeps serving present bytes (including the piece being
+// re-fetched: it holds the bytes served before the mismatch was known, until the server's
+// bytes replace them); strict readers wait for the commit as before.
+
+void BlobImpl::StartRepairLocked(const Digest& got) {
+  const uint64_t piece = PieceSize();
+  const size_t pieces = static_cast<size_t>((where_.size + piece - 1) / piece);
+  std::vector<uint32_t> trouble, runs;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    trouble = trouble_;
+    runs = runs_;
+    repairing_ = true;
+  }
+  trouble.resize(pieces);
+  runs.resize(pieces);
+  repair_queue_.clear();
+  for (size_t i = 0; i < pieces; ++i) repair_queue_.push_back(i);
+  std::stable_sort(repair_queue_.begin(), repair_queue_.end(), [&](uint64_t a, uint64_t b) {
+    if (trouble[a] != trouble[b]) return trouble[a] > trouble[b];
+    return runs[a] > runs[b];
+  });
+  std::reverse(repair_queue_.begin(), repair_queue_.end());  // next candidate at the back
+  repair_total_ = pieces;
+  size_t suspects = std::count_if(trouble.begin(), trouble.end(), [](uint32_t t) { return t; });
+  LOG(kWarn) << "digest mismatch for " << where_.digest.ToString() << ": got " << got.ToString()
+             << "; repairing: re-fetching its " << pieces << " pieces of " << piece
+             << " bytes one at a time (" << suspects << " suspect)";
+  NextRepairLocked(got);
+}
+
+void BlobImpl::NextRepairLocked(const Digest& got) {
+  if (repair_queue_.empty() || core_->fetcher == nullptr) {
+    LOG(kError) << "digest mismatch for " << where_.digest.ToString() << ": got "
+                << got.ToString() << " after re-fetching every piece once; discarding the "
+                << "partial blob";
+    Status bad = DataLoss("digest mismatch for " + where_.digest.ToString() + " (got " +
+                          got.ToString() + ")");
+    {
+      std::lock_guard<std::mutex> p(core_->pin_mu);
+      core_->recent_failures[where_.digest] = {
+          bad, std::chrono::steady_clock::now() + kRememberFailure};
+    }
+    FailLocked(bad, /*remove_files=*/true);
+    return;
+  }
+  const uint64_t k = repair_queue_.back();
+  repair_queue_.pop_back();
+  const uint64_t piece = PieceSize();
+  const uint64_t begin = k * piece, len = std::min(piece, where_.size - begin);
+  LOG(kInfo) << "repairing " << where_.digest.Short() << ": re-fetching piece " << k << " (bytes "
+             << begin << "-" << begin + len - 1 << ", " << repair_total_ - repair_queue_.size()
+             << " of " << repair_total_ << ")";
+  std::lock_guard<std::mutex> f(fetch_mu_);
+  if (fetch_closed_) return;  // shutting down
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!owner_ || state_ != BlobState::kFetching || shutdown_) return;
+    repair_piece_ = k;
+    repair_got_.Clear();
+    repair_changed_from_ = kNone;
+    condition_ = "repairing: re-fetching piece " + std::to_string(k) + " (" +
+                 std::to_string(repair_total_ - repair_queue_.size()) + " of " +
+                 std::to_string(repair_total_) + ") after a digest mismatch";
+  }
+  if (!fetch_) {
+    // Start() may call Failed() at once; it takes only mu_, which is not held.
+    fetch_ = core_->fetcher->Start(where_, {}, this);
+    fetch_full_ = false;
+    std::lock_guard<std::mutex> l(mu_);
+    sink_fetch_ = fetch_.get();
+  }
+  fetch_->Refetch(begin, len);
+}
+
+void BlobImpl::RepairStep() {
+  std::vector<Deferred> answers;
+  {
+    std::lock_guard<std::mutex> h(hash_mu_);
+    uint64_t changed, k;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      repair_step_queued_ = false;
+      if (!repairing_ || state_ != BlobState::kFetching || !owner_ || shutdown_) return;
+      const uint64_t piece = PieceSize();
+      const uint64_t b = repair_piece_ * piece, e = std::min(b + piece, where_.size);
+      if (!repair_got_.Contains(b, e)) return;
+      k = repair_piece_;
+      changed = repair_changed_from_;
+      repair_got_.Clear();
+      repair_changed_from_ = kNone;
+    }
+    if (changed == kNone) {
+      LOG(kInfo) << "repairing " << where_.digest.Short() << ": piece " << k
+                 << " came back identical";
+      NextRepairLocked(sha_.Peek());
+    } else {
+      // Re-hash from the last checkpoint at or before the first changed byte.
+      auto it = checkpoints_.upper_bound(changed);
+      Sha256 from_sha;
+      uint64_t from = 0;
+      if (it != checkpoints_.begin()) {
+        --it;
+        from = it->first;
+        from_sha = it->second;
+      }
+      checkpoints_.erase(checkpoints_.upper_bound(from), checkpoints_.end());
+      sha_ = from_sha;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        frontier_ = from;
+        dirty_ = true;
+      }
+      LOG(kInfo) << "repairing " << where_.digest.Short() << ": piece " << k
+                 << " differed from byte " << changed << " on; re-hashing from byte " << from;
+      PostHashStep();
+    }
+    answers.swap(deferred_);
+  }
+  for (Deferred& d : answers) Answer(std::move(d.waiters), d.status, d.fd, false);
 }
 
 void BlobImpl::FailLocked(const Status& status, bool remove_files) {
@@ -688,6 +973,11 @@ void BlobImpl::FailLocked(const Status& status, bool remove_files) {
     waiters.swap(waiters_);
   }
   if (remove_files) {
+    std::lock_guard<std::mutex> p(persist_mu_);  // no state file written after this
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      no_state_ = true;
+    }
     ::unlinkat(core_->partial_fd.get(), name_.c_str(), 0);
     ::unlinkat(core_->partial_fd.get(), state_name_.c_str(), 0);
   }
@@ -705,33 +995,65 @@ std::unique_ptr<fetch::Fetch> BlobImpl::TakeFetch(bool close) {
     closing_ = true;
   }
   if (fetch_) last_stats_ = fetch_->Stats();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    sink_fetch_ = nullptr;
+  }
   return std::move(fetch_);
 }
 
 void BlobImpl::MaybePersistLocked(bool force) {
-  PartialState s;
+  auto s = std::make_shared<PartialState>();
   int fd;
+  uint64_t seq;
   {
     std::lock_guard<std::mutex> l(mu_);
     persist_queued_ = false;
     // A blob whose fetch failed keeps its partial and state (a later Blob resumes from it).
     if (!owner_ || discarded_ || state_ == BlobState::kVerified || !dirty_) return;
-    if (!force && unpersisted_bytes_ < kPersistBytes &&
-        Clock::now() - last_persist_ < kPersistInterval) {
-      return;
+    if (!force) {
+      if (persist_inflight_) return;  // the syncer is still writing the previous one
+      const auto since = Clock::now() - last_persist_;
+      const uint64_t bytes = std::clamp(piece_size_, kMinPersistBytes, kMaxPersistBytes);
+      if (since < kPersistInterval && (unpersisted_bytes_ < bytes || since < kMinPersistGap)) {
+        return;
+      }
     }
     // Snapshot before the fdatasync: everything in it was pwritten before the sync starts, so
     // the state never claims bytes that are not on disk.
-    s.present = present_;
+    s->present = present_;
     dirty_ = false;
     unpersisted_bytes_ = 0;
     fd = fd_.get();
+    seq = ++persist_seq_;
+    if (!force) persist_inflight_ = true;
   }
   last_persist_ = Clock::now();
-  s.digest = where_.digest;
-  s.size = where_.size;
-  s.frontier = sha_.bytes_hashed();
-  s.sha_state = sha_.SaveState();
+  s->digest = where_.digest;
+  s->size = where_.size;
+  s->frontier = sha_.bytes_hashed();
+  s->sha_state = sha_.SaveState();
+  for (const auto& [off, sha] : checkpoints_) s->checkpoints.emplace(off, sha.SaveState());
+  if (force) {
+    WriteState(fd, seq, *s, /*async=*/false);
+    return;
+  }
+  // The fdatasync may take a while: not on the hash thread, which must keep up with the network.
+  if (!core_->syncer.Post([w = weak_from_this(), fd, seq, s] {
+        if (auto b = w.lock()) b->WriteState(fd, seq, *s, /*async=*/true);
+      })) {
+    WriteState(fd, seq, *s, /*async=*/true);
+  }
+}
+
+void BlobImpl::WriteState(int fd, uint64_t seq, const PartialState& s, bool async) {
+  std::lock_guard<std::mutex> p(persist_mu_);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (async) persist_inflight_ = false;
+    // Committed or discarded meanwhile (both happen under persist_mu_), or a newer one is out.
+    if (no_state_ || seq <= persist_written_) return;
+  }
   Status st;
   if (::fdatasync(fd) != 0) st = ErrnoStatus(errno, "fdatasync partial/" + name_);
   if (st.ok()) {
@@ -747,6 +1069,8 @@ void BlobImpl::MaybePersistLocked(bool force) {
     dirty_ = true;
   } else {
     persist_failing_ = false;
+    std::lock_guard<std::mutex> l(mu_);
+    persist_written_ = seq;
   }
 }
 
@@ -832,8 +1156,12 @@ void BlobImpl::SyncWorkerForTest() {
     auto f = done.get_future();
     if (!core_->worker.Post([&done] { done.set_value(); })) return;
     f.wait();
+    std::promise<void> synced;
+    auto g = synced.get_future();
+    if (!core_->syncer.Post([&synced] { synced.set_value(); })) return;
+    g.wait();
     std::lock_guard<std::mutex> l(mu_);
-    if (!hash_queued_ && !persist_queued_) return;
+    if (!hash_queued_ && !persist_queued_ && !persist_inflight_) return;
   }
 }
 

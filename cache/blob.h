@@ -14,10 +14,16 @@
 //
 // Lock order (a lock may only be taken while holding the ones to its left):
 //   Cache::mu_  →  BlobImpl::hash_mu_  →  BlobImpl::fetch_mu_  →  BlobImpl::mu_  →  Worker::mu_
+//   and BlobImpl::hash_mu_  →  BlobImpl::persist_mu_  →  BlobImpl::mu_ (the syncer thread
+//   "modelfs-sync" takes only persist_mu_ → mu_: it writes state files, fdatasync first).
 // Core::pin_mu and Core::lock_mu are leaves (nothing is taken under them). Waiting on
 // Core::lock_cv (for a dying Blob of ours to drop its flock) happens under Cache::mu_ and the
 // new Blob's hash_mu_; a dying Blob needs neither.
-// The fetch loop thread only ever takes BlobImpl::mu_, Worker::mu_ and Core::pin_mu.
+// The fetch loop thread only ever takes BlobImpl::mu_, Worker::mu_ and Core::pin_mu (and, in
+// Sink::Write, calls Fetch::Stats() of the Fetch calling it, with no lock held: that Fetch cannot
+// be destroyed before Write returns). In repair mode Write preads and compares before writing.
+// The worker also runs --cache-max eviction passes (no Blob lock held; an open blob is one whose
+// file someone holds a flock on).
 // Fetch::Demand/Start are called under fetch_mu_ (they post to the loop thread and never wait for
 // it). A Fetch is destroyed (which waits for the loop thread) with no lock held but hash_mu_, which
 // the loop thread never takes. ReadyFn callbacks run with no lock held.
@@ -40,6 +46,7 @@
 #include "base/range_set.h"
 #include "base/unique_fd.h"
 #include "cache/cache.h"
+#include "cache/state_file.h"
 #include "fetch/fetcher.h"
 
 namespace modelfs::cache {
@@ -49,7 +56,7 @@ class BlobImpl;
 // One thread running posted tasks in order, plus a tick every second over registered blobs.
 class Worker {
  public:
-  Worker();
+  explicit Worker(const char* name);
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -69,6 +76,7 @@ class Worker {
   std::deque<std::function<void()>> tasks_;      // GUARDED_BY(mu_)
   std::vector<std::weak_ptr<BlobImpl>> ticked_;  // GUARDED_BY(mu_)
   bool stop_ = false;                            // GUARDED_BY(mu_)
+  const char* const name_;
   std::thread thread_;
 };
 
@@ -78,9 +86,15 @@ struct Core {
   UniqueFd dir_fd, blobs_fd, partial_fd, manifests_fd;
   fetch::Fetcher* fetcher = nullptr;
   CacheOptions options;
-  Worker worker;
+  Worker worker{"modelfs-hash"};
+  // Writes resume state (fdatasync, then the state file), so the hasher never waits on the disk.
+  Worker syncer{"modelfs-sync"};
   std::atomic<bool> disk_full{false};     // "log once" latch for ENOSPC
   std::atomic<uint64_t> bytes_hashed{0};  // total bytes fed to SHA-256, for tests and stats
+  std::atomic<uint64_t> bytes_repaired{0};  // bytes a repair found different on disk (tests)
+  // --cache-max: an eviction pass is queued on the worker (coalesces requests).
+  std::atomic<bool> evict_queued{false};
+  std::atomic<bool> over_limit_logged{false};
   // Blobs being materialized stay alive (and keep fetching) after their last reader closes,
   // until they are verified or fail, or the Cache shuts down. pin_mu is a leaf lock; a pin is
   // always dropped outside it, and never on the fetch loop thread.
@@ -98,6 +112,13 @@ struct Core {
   std::set<Digest> locked;  // GUARDED_BY(lock_mu)
 };
 
+// --cache-max: when max_bytes is set, posts one eviction pass to the worker (coalesced). The
+// pass removes least-recently-used complete blobs (atime: see TouchLastUse) that nobody holds a
+// flock on (every Blob, in any process, keeps one on its fd) until blobs/ plus partial/ fit.
+void QueueEviction(const std::shared_ptr<Core>& core);
+// Marks a complete blob's file as used now (its atime), for eviction order. Best effort.
+void TouchLastUse(int fd);
+
 class BlobImpl final : public Blob,
                        public fetch::Sink,
                        public std::enable_shared_from_this<BlobImpl> {
@@ -112,6 +133,7 @@ class BlobImpl final : public Blob,
   uint64_t size() const override { return where_.size; }
   void Materialize() override;
   void WhenReadable(uint64_t offset, uint64_t len, ReadyFn ready) override;
+  void Prefetch(uint64_t offset, uint64_t len) override;
   BlobStatus GetStatus() const override;
 
   Status Write(uint64_t offset, const void* data, size_t len) override;
@@ -153,10 +175,17 @@ class BlobImpl final : public Blob,
   // Starts the Fetch if needed (whole blob when full, else lazy) and demands these ranges.
   void EnsureFetch(bool full, const std::vector<ByteRange>& demand);
   void PostHashStep();
+  // Snapshots resume state; writes it on the syncer (or here, when force).
   void MaybePersistLocked(bool force);  // REQUIRES: hash_mu_ held
+  void WriteState(int fd, uint64_t seq, const PartialState& s, bool async);  // persist_mu_
   void HashStepLocked();                // REQUIRES: hash_mu_ held
   void TickLocked();                    // REQUIRES: hash_mu_ held
   void FinishLocked();                  // REQUIRES: hash_mu_ held; frontier == size
+  // Repair (see blob.cc, "Repair"): on a digest mismatch, re-fetch one piece at a time.
+  void StartRepairLocked(const Digest& got);  // REQUIRES: hash_mu_ held
+  void NextRepairLocked(const Digest& got);   // REQUIRES: hash_mu_ held
+  void RepairStep();                          // worker: the piece being re-fetched is complete
+  uint64_t PieceSize() const { return piece_size_ > 0 ? piece_size_ : std::max<uint64_t>(1, where_.size); }
   void FailLocked(const Status& status, bool remove_files);  // REQUIRES: hash_mu_ held
   std::unique_ptr<fetch::Fetch> TakeFetch(bool close);
   void Pin();
@@ -173,14 +202,19 @@ class BlobImpl final : public Blob,
   // Hash frontier. Taken by the worker for a whole HashStep and by persistence.
   std::mutex hash_mu_;
   Sha256 sha_;               // GUARDED_BY(hash_mu_): state after [0, frontier_)
-  uint64_t piece_size_ = 0;  // repair seam: SHA-256 per piece of this size
-  Sha256 piece_sha_;         // GUARDED_BY(hash_mu_)
-  bool piece_valid_ = true;  // GUARDED_BY(hash_mu_): false when resumed mid-piece
-  std::vector<std::pair<Digest, bool>> piece_digests_;  // GUARDED_BY(hash_mu_): (digest, valid)
+  uint64_t piece_size_ = 0;  // repair unit (the fetch's part size); 0: the whole blob
+  // SHA-256 state at piece boundaries the frontier has passed (offset -> state after [0, offset)),
+  // so a repair re-hashes from the changed piece on, not from 0. 112 bytes each.
+  std::map<uint64_t, Sha256> checkpoints_;  // GUARDED_BY(hash_mu_)
+  std::vector<uint64_t> repair_queue_;      // GUARDED_BY(hash_mu_): pieces still to re-fetch
+  size_t repair_total_ = 0;                 // GUARDED_BY(hash_mu_): pieces in this repair
   std::vector<char> buf_;                               // GUARDED_BY(hash_mu_)
   Clock::time_point last_persist_;                      // GUARDED_BY(hash_mu_)
   std::vector<Deferred> deferred_;                      // GUARDED_BY(hash_mu_)
-  bool persist_failing_ = false;                        // GUARDED_BY(hash_mu_)
+  // Writing the state file (syncer thread, or Shutdown); commit and discard take it too, so no
+  // state file appears after either. Lock order: hash_mu_ → persist_mu_ → mu_.
+  std::mutex persist_mu_;
+  bool persist_failing_ = false;  // GUARDED_BY(persist_mu_)
 
   // The Fetch; created on first need, destroyed on commit, failure, shutdown.
   mutable std::mutex fetch_mu_;
@@ -201,10 +235,34 @@ class BlobImpl final : public Blob,
   bool dirty_ = false;        // GUARDED_BY(mu_): present/frontier changed since last persist
   uint64_t unpersisted_bytes_ = 0;  // GUARDED_BY(mu_)
   bool persist_queued_ = false;     // GUARDED_BY(mu_)
+  bool persist_inflight_ = false;   // GUARDED_BY(mu_): a snapshot is queued on the syncer
+  uint64_t persist_seq_ = 0;        // GUARDED_BY(mu_): snapshots taken
+  uint64_t persist_written_ = 0;    // GUARDED_BY(mu_): newest snapshot written
+  bool no_state_ = false;           // GUARDED_BY(mu_): committed or discarded: write no state
   UniqueFd fd_;                     // GUARDED_BY(mu_): the fd readers get
   std::vector<UniqueFd> old_fds_;   // GUARDED_BY(mu_): fds handed out earlier stay open
   RangeSet present_;                // GUARDED_BY(mu_)
   uint64_t frontier_ = 0;           // GUARDED_BY(mu_): mirrors sha_ for status
+  std::string condition_;           // GUARDED_BY(mu_): BlobStatus::condition
+  uint64_t bytes_repaired_ = 0;     // GUARDED_BY(mu_): BlobStatus::bytes_repaired
+  Clock::time_point last_byte_;     // GUARDED_BY(mu_): when present_ became complete
+  bool got_last_byte_ = false;      // GUARDED_BY(mu_)
+  // Repair: while repairing_, Write compares incoming bytes with the disk and writes only what
+  // differs; repair_changed_from_ is the lowest offset it changed (kNone: nothing).
+  static constexpr uint64_t kNone = ~uint64_t{0};
+  bool repairing_ = false;                // GUARDED_BY(mu_)
+  uint64_t repair_piece_ = 0;             // GUARDED_BY(mu_): piece index being re-fetched
+  RangeSet repair_got_;                   // GUARDED_BY(mu_): its bytes received again
+  uint64_t repair_changed_from_ = kNone;  // GUARDED_BY(mu_)
+  bool repair_step_queued_ = false;       // GUARDED_BY(mu_)
+  // Ranking of repair candidates, from what the cache sees of the fetch: trouble_[i] counts
+  // fetch troubles (retries, stalls, slow re-requests: FetchStats) that happened while piece i
+  // was partly written; runs_[i] counts runs of bytes that began inside piece i (splits, out of
+  // order arrival). Sized lazily to the piece count.
+  std::vector<uint32_t> trouble_;  // GUARDED_BY(mu_)
+  std::vector<uint32_t> runs_;     // GUARDED_BY(mu_)
+  int trouble_seen_ = 0;           // GUARDED_BY(mu_): FetchStats troubles counted so far
+  fetch::Fetch* sink_fetch_ = nullptr;  // GUARDED_BY(mu_): the live Fetch, for its Stats()
   Status failure_;                  // GUARDED_BY(mu_)
   std::vector<Waiter> waiters_;     // GUARDED_BY(mu_): unsorted; a few hundred at most
 };

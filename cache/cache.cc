@@ -5,6 +5,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include <mutex>
 
 #include "base/log.h"
+#include "base/metrics.h"
 #include "cache/blob.h"
 #include "cache/file_util.h"
 
@@ -73,6 +75,80 @@ void RemoveStaleTemps(int partial_fd) {
   for (const std::string& name : stale) ::unlinkat(partial_fd, name.c_str(), 0);
 }
 
+// Regular files in dir_fd: (name, stat). A fresh open file description (see List()).
+std::vector<std::pair<std::string, struct stat>> FilesIn(int dir_fd) {
+  std::vector<std::pair<std::string, struct stat>> out;
+  int fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return out;
+  DIR* d = ::fdopendir(fd);
+  if (d == nullptr) {
+    ::close(fd);
+    return out;
+  }
+  while (struct dirent* e = ::readdir(d)) {
+    struct stat st;
+    if (::fstatat(dir_fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) {
+      out.emplace_back(e->d_name, st);
+    }
+  }
+  ::closedir(d);
+  return out;
+}
+
+bool EndsWith(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+// One eviction pass (worker thread). See QueueEviction in blob.h.
+void EvictPass(Core* core) {
+  core->evict_queued = false;
+  const uint64_t max = core->options.max_bytes;
+  uint64_t total = 0;
+  struct Candidate {
+    std::string name;
+    uint64_t size;
+    struct timespec used;
+    ino_t ino;
+  };
+  std::vector<Candidate> complete;
+  for (auto& [name, st] : FilesIn(core->blobs_fd.get())) {
+    total += static_cast<uint64_t>(st.st_size);
+    if (name.rfind("sha256-", 0) == 0) {
+      complete.push_back({name, static_cast<uint64_t>(st.st_size), st.st_atim, st.st_ino});
+    }
+  }
+  for (auto& [name, st] : FilesIn(core->partial_fd.get())) {
+    if (!EndsWith(name, ".state") && !EndsWith(name, ".tmp")) total += st.st_size;
+  }
+  if (total <= max) {
+    core->over_limit_logged = false;
+    return;
+  }
+  std::sort(complete.begin(), complete.end(), [](const Candidate& a, const Candidate& b) {
+    return a.used.tv_sec != b.used.tv_sec ? a.used.tv_sec < b.used.tv_sec
+                                          : a.used.tv_nsec < b.used.tv_nsec;
+  });
+  const int blobs = core->blobs_fd.get();
+  for (const Candidate& c : complete) {
+    if (total <= max) break;
+    UniqueFd fd(::openat(blobs, c.name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd.valid()) continue;
+    // Every Blob (of any process) holds a lock on its fd: a taken lock means "open".
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) continue;
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0 || st.st_ino != c.ino) continue;
+    if (::unlinkat(blobs, c.name.c_str(), 0) != 0) continue;
+    total -= std::min(total, c.size);
+    metrics::CacheEvictions().Add();
+    LOG(kInfo) << "evicted blobs/" << c.name << " (" << c.size
+               << " bytes, least recently used) to stay under --cache-max " << max;
+  }
+  if (total > max && !core->over_limit_logged.exchange(true)) {
+    LOG(kWarn) << "cache holds " << total << " bytes, over --cache-max " << max
+               << ", but every other blob is open or still being fetched";
+  }
+}
+
 class CacheImpl final : public Cache {
  public:
   explicit CacheImpl(std::shared_ptr<Core> core) : core_(std::move(core)) {}
@@ -84,6 +160,7 @@ class CacheImpl final : public Cache {
   std::vector<std::string> ListManifests() override;
   StatusOr<std::shared_ptr<Blob>> OpenBlob(const fetch::BlobLocation& where) override;
   bool HasBlob(const Digest& digest) override;
+  std::vector<BlobStatus> ListBlobs() override;
   void Shutdown() override;
 
  private:
@@ -193,6 +270,7 @@ StatusOr<std::shared_ptr<Blob>> CacheImpl::OpenBlob(const fetch::BlobLocation& w
   }
   ASSIGN_OR_RETURN(auto blob, BlobImpl::Create(core_, where));
   blobs_[where.digest] = blob;
+  QueueEviction(core_);  // after Create: a new partial counts, so room is made for it
   return std::shared_ptr<Blob>(std::move(blob));
 }
 
@@ -201,6 +279,20 @@ bool CacheImpl::HasBlob(const Digest& digest) {
   return ::fstatat(core_->blobs_fd.get(), digest.FileName().c_str(), &st, AT_SYMLINK_NOFOLLOW) ==
              0 &&
          S_ISREG(st.st_mode);
+}
+
+std::vector<BlobStatus> CacheImpl::ListBlobs() {
+  std::vector<std::shared_ptr<BlobImpl>> live;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [digest, weak] : blobs_) {
+      if (auto b = weak.lock()) live.push_back(std::move(b));
+    }
+  }
+  std::vector<BlobStatus> out;
+  for (auto& b : live) out.push_back(b->GetStatus());
+  live.clear();  // may drop the last reference: no cache lock held here
+  return out;
 }
 
 void CacheImpl::Shutdown() {
@@ -221,9 +313,20 @@ void CacheImpl::Shutdown() {
   }
   pinned.clear();  // breaks the Core ↔ Blob cycle; shut down above, so this only persists
   core_->worker.Stop();
+  core_->syncer.Stop();
 }
 
 }  // namespace
+
+void QueueEviction(const std::shared_ptr<Core>& core) {
+  if (core->options.max_bytes == 0 || core->evict_queued.exchange(true)) return;
+  std::weak_ptr<Core> weak = core;
+  if (!core->worker.Post([weak] {
+        if (auto c = weak.lock()) EvictPass(c.get());
+      })) {
+    core->evict_queued = false;
+  }
+}
 
 std::string_view BlobStateName(BlobState s) {
   switch (s) {

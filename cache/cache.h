@@ -52,9 +52,13 @@ struct CacheOptions {
   bool strict = false;
   // Only fetch what readers ask for (no whole-blob background materialization).
   bool lazy = false;
-  uint64_t max_bytes = 0;  // 0 = no limit (eviction is issue #4)
-  // Repair seam: the hasher also records a SHA-256 per piece of this size (in memory), so a
-  // digest mismatch can later be narrowed to bad pieces. 0 turns it off (halves hashing CPU).
+  // --cache-max: least-recently-used complete blobs nobody has open (in any process) are
+  // evicted so that blobs/ plus partial/ stay under this many bytes (apparent sizes; a partial
+  // counts at its full size). Checked on OpenBlob and after each commit. 0 = no limit.
+  uint64_t max_bytes = 0;
+  // Repair unit: set it to the fetch's part size. The hasher keeps its SHA-256 state at every
+  // piece boundary (112 bytes each, also in the state file); on a digest mismatch pieces are
+  // re-fetched one at a time and hashing restarts from the first changed piece. 0: one piece.
   uint64_t piece_size = 64ull << 20;
 };
 
@@ -70,6 +74,12 @@ struct BlobStatus {
   uint64_t bytes_present = 0;
   uint64_t hash_frontier = 0;  // bytes [0, hash_frontier) are hashed
   std::string last_error;
+  // What the blob is waiting for, when not simply the network: "paused: cache disk full",
+  // "repairing: re-fetching piece 3 (1 of 8) after a digest mismatch". Empty otherwise.
+  std::string condition;
+  // Bytes a repair found different on disk and replaced. Pages of them a reader cached before
+  // the repair are stale: the FUSE layer must not keep_cache such a blob's earlier pages.
+  uint64_t bytes_repaired = 0;
   fetch::FetchStats fetch;
 };
 
@@ -92,6 +102,11 @@ class Blob {
   // destroyed. In strict mode a reader makes the whole blob be fetched, even in a lazy cache.
   using ReadyFn = std::function<void(const modelfs::Status& status, int fd)>;
   virtual void WhenReadable(uint64_t offset, uint64_t len, ReadyFn ready) = 0;
+
+  // Fetches the missing bytes of [offset, offset + len) ahead of background work, without
+  // waiting for them (readahead for a reader that is about to need them). No-op for a verified
+  // or failed blob.
+  virtual void Prefetch(uint64_t offset, uint64_t len) = 0;
 
   virtual BlobStatus GetStatus() const = 0;
 };
@@ -118,6 +133,9 @@ class Cache {
   virtual StatusOr<std::shared_ptr<Blob>> OpenBlob(const fetch::BlobLocation& where) = 0;
   // True when blobs/sha256-<hex> exists (a verified, committed blob).
   virtual bool HasBlob(const Digest& digest) = 0;
+  // The status of every Blob this Cache has alive right now (open by a reader, or pinned while
+  // it is materialized), for status output. Does not touch the disk.
+  virtual std::vector<BlobStatus> ListBlobs() = 0;
 
   // Fails every parked reader with kCancelled, stops every fetch and saves resume state. Called
   // before unmount; the destructor calls it too. Afterwards OpenBlob fails (kCancelled) and

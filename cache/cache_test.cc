@@ -78,6 +78,15 @@ class FakeFetcher : public fetch::Fetcher {
     std::lock_guard<std::mutex> l(mu_);
     return wanted_[d];
   }
+  std::vector<ByteRange> refetches(const Digest& d) {
+    std::lock_guard<std::mutex> l(mu_);
+    return refetches_[d];
+  }
+  // What every Fetch's Stats() reports as retries (a fetch trouble the cache ranks by).
+  void set_retries(int n) {
+    std::lock_guard<std::mutex> l(mu_);
+    retries_ = n;
+  }
 
  private:
   friend class FakeFetch;
@@ -122,7 +131,8 @@ class FakeFetcher : public fetch::Fetcher {
   bool stop_ = false;
   int starts_ = 0;
   std::map<Digest, fetch::Sink*> sinks_;
-  std::map<Digest, std::vector<ByteRange>> demands_, wanted_;
+  std::map<Digest, std::vector<ByteRange>> demands_, wanted_, refetches_;
+  int retries_ = 0;
   std::thread loop_;
 };
 
@@ -149,8 +159,16 @@ class FakeFetch : public fetch::Fetch {
     std::lock_guard<std::mutex> l(f_->mu_);
     f_->demands_[d_].push_back({offset, offset + len});
   }
-  void Refetch(uint64_t, uint64_t) override {}
-  fetch::FetchStats Stats() const override { return {}; }
+  void Refetch(uint64_t offset, uint64_t len) override {
+    std::lock_guard<std::mutex> l(f_->mu_);
+    f_->refetches_[d_].push_back({offset, offset + len});
+  }
+  fetch::FetchStats Stats() const override {
+    std::lock_guard<std::mutex> l(f_->mu_);
+    fetch::FetchStats st;
+    st.retries = f_->retries_;
+    return st;
+  }
 
  private:
   FakeFetcher* f_;
@@ -476,13 +494,24 @@ TEST_F(CacheTest, DigestMismatchFailsReadersAndRemovesThePartial) {
   where.digest = Sha256::Of("something else");
   CacheOptions opt;
   opt.strict = true;
+  opt.piece_size = kPart;
   auto cache = OpenCache(opt);
   auto blob = Open(cache.get(), where);
   Answer a;
   blob->WhenReadable(0, 10, a.Fn());
   ASSERT_TRUE(WritePart(data, where.digest, 1).ok());
   ASSERT_TRUE(WritePart(data, where.digest, 0).ok());
+  // Repair first: each piece is re-fetched once (and comes back the same) before giving up.
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1; }));
+    const ByteRange r = fetcher_.refetches(where.digest)[i];
+    EXPECT_EQ(r.size(), kPart);
+    EXPECT_FALSE(a.Called()) << "strict readers wait during a repair";
+    EXPECT_NE(blob->GetStatus().condition.find("repairing"), std::string::npos);
+    ASSERT_TRUE(WritePart(data, where.digest, static_cast<int>(r.begin / kPart)).ok());
+  }
   ASSERT_TRUE(WaitFor([&] { return a.Called(); }));
+  EXPECT_EQ(fetcher_.refetches(where.digest).size(), 2u);
   EXPECT_EQ(a.status.code(), Code::kDataLoss);
   EXPECT_NE(a.status.message().find(where.digest.ToString()), std::string::npos);
   EXPECT_NE(a.status.message().find(Sha256::Of(data).ToString()), std::string::npos);
@@ -494,6 +523,111 @@ TEST_F(CacheTest, DigestMismatchFailsReadersAndRemovesThePartial) {
   blob->WhenReadable(0, 10, b.Fn());
   ASSERT_TRUE(b.Called());
   EXPECT_EQ(b.status.code(), Code::kDataLoss);
+}
+
+// A corrupted byte in a part whose transfer had trouble: that piece is re-fetched first, and only
+// the pieces from it to the end are hashed again.
+TEST_F(CacheTest, RepairRefetchesTheTroubledPieceFirst) {
+  const std::string data = RandomBytes(6 * kPart, 21);
+  const auto where = Where(data);
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  std::string bad = data;
+  bad[3 * kPart + 100] ^= 0x20;
+  for (int p : {0, 1, 2}) ASSERT_TRUE(WritePart(data, where.digest, p).ok());
+  ASSERT_TRUE(
+      fetcher_.Write(where.digest, 3 * kPart, std::string_view(bad).substr(3 * kPart, kPart / 2))
+          .ok());
+  fetcher_.set_retries(1);  // piece 3's transfer broke off and was retried
+  const uint64_t half = 3 * kPart + kPart / 2;
+  ASSERT_TRUE(fetcher_.Write(where.digest, half, std::string_view(bad).substr(half, kPart / 2)).ok());
+  for (int p : {5, 4}) ASSERT_TRUE(WritePart(data, where.digest, p).ok());
+  ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
+  EXPECT_EQ(fetcher_.refetches(where.digest)[0], (ByteRange{3 * kPart, 4 * kPart}));
+  EXPECT_EQ(blob->GetStatus().state, BlobState::kFetching);
+  // Default mode: present bytes are still served during the repair.
+  Answer a;
+  blob->WhenReadable(0, 10, a.Fn());
+  EXPECT_TRUE(a.Called());
+  const uint64_t hashed = Impl(blob)->BytesHashedForTest();
+  EXPECT_EQ(hashed, data.size());
+  // The server's bytes, in pieces.
+  for (uint64_t off = 3 * kPart; off < 4 * kPart; off += 1000) {
+    uint64_t n = std::min<uint64_t>(1000, 4 * kPart - off);
+    ASSERT_TRUE(fetcher_.Write(where.digest, off, std::string_view(data).substr(off, n)).ok());
+  }
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(fetcher_.refetches(where.digest).size(), 1u);
+  EXPECT_EQ(Impl(blob)->BytesHashedForTest() - hashed, 3 * kPart) << "re-hashed from piece 3 on";
+  EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+  EXPECT_EQ(blob->GetStatus().condition, "");
+}
+
+// Without any trouble seen, pieces are re-fetched in order; an identical piece is not re-hashed.
+TEST_F(CacheTest, RepairSkipsIdenticalPiecesWithoutRehashing) {
+  const std::string data = RandomBytes(5 * kPart + 7, 22);
+  const auto where = Where(data);
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  std::string bad = data;
+  bad[5 * kPart + 3] ^= 1;  // in the short last piece
+  ASSERT_TRUE(fetcher_.Write(where.digest, 0, bad).ok());
+  const uint64_t hashed_once = data.size();
+  for (uint64_t i = 0; i < 6; ++i) {
+    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1; })) << i;
+    const ByteRange r = fetcher_.refetches(where.digest)[i];
+    EXPECT_EQ(r.begin, i * kPart);
+    if (i < 5) {
+      EXPECT_EQ(Impl(blob)->BytesHashedForTest(), hashed_once);
+    }
+    ASSERT_TRUE(fetcher_.Write(where.digest, r.begin, std::string_view(data).substr(r.begin, r.size()))
+                    .ok());
+  }
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(Impl(blob)->BytesHashedForTest(), hashed_once + 7);
+  EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+}
+
+// Checkpoints survive a restart: a blob resumed complete but corrupt repairs from its piece.
+TEST_F(CacheTest, RepairAfterARestartUsesSavedCheckpoints) {
+  const std::string data = RandomBytes(4 * kPart, 23);
+  const auto where = Where(data);
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  std::string bad = data;
+  bad[2 * kPart + 5] ^= 1;
+  {
+    auto cache = OpenCache(opt);
+    auto blob = Open(cache.get(), where);
+    blob->Materialize();
+    for (int p : {0, 1, 2}) {
+      ASSERT_TRUE(fetcher_.Write(where.digest, p * kPart, std::string_view(bad).substr(p * kPart, kPart))
+                      .ok());
+    }
+    Impl(blob)->SyncWorkerForTest();
+  }
+  auto text = ReadAll(StatePath(where.digest));
+  auto st = DecodeState(text, where.digest, data.size());
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->checkpoints.size(), 3u);
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  ASSERT_TRUE(WritePart(data, where.digest, 3).ok());
+  ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
+  // No trouble seen: in order. Pieces 0 and 1 come back identical.
+  for (uint64_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1; }));
+    ASSERT_TRUE(WritePart(data, where.digest, static_cast<int>(i)).ok());
+  }
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(Impl(blob)->BytesHashedForTest(), kPart + 2 * kPart) << "piece 3, then 2 and 3 again";
 }
 
 TEST_F(CacheTest, FetchFailureFailsReaders) {
@@ -719,7 +853,7 @@ TEST_F(BadStateTest, StateForAnotherSizeOrVersionIsIgnored) {
   Plant(data_, EncodeState(s));
   EXPECT_EQ(PresentAfterOpen(data_), 0u);
   std::string text = EncodeState(Claim(data_, kPart));
-  text.replace(text.find(" 1\n"), 3, " 9\n");
+  text.replace(text.find(" " + std::to_string(kStateVersion) + "\n"), 3, " 9\n");
   std::string body = text.substr(0, text.rfind("checksum "));
   Plant(data_, body + "checksum " + Sha256::Of(body).Hex() + "\n");
   EXPECT_EQ(PresentAfterOpen(data_), 0u);
@@ -820,10 +954,58 @@ TEST_F(CacheTest, DiskFullPausesAndResumes) {
   }
   ASSERT_GE(failed_at, 0) << "the disk never filled";
   EXPECT_EQ(blob->GetStatus().bytes_present, failed_at * kPart) << "a failed write is not present";
+  EXPECT_EQ(blob->GetStatus().condition, "paused: cache disk full");
   fs::remove(mnt / "filler");
   for (int p = failed_at; p < 8; ++p) ASSERT_TRUE(WritePart(data, where.digest, p).ok());
+  EXPECT_EQ(blob->GetStatus().condition, "");
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
   EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+}
+
+// ---------------------------------------------------------------------------------------------
+// --cache-max
+
+TEST_F(CacheTest, CacheMaxEvictsLeastRecentlyUsedClosedBlobs) {
+  { auto c = OpenCache(); }
+  // Four complete 1000-byte blobs, last used at t = 100, 200, 300, 400.
+  std::vector<std::string> datas;
+  for (int i = 0; i < 4; ++i) {
+    datas.push_back(RandomBytes(1000, 30 + i));
+    const fs::path p = BlobPath(Sha256::Of(datas[i]));
+    UniqueFd fd(::open(p.c_str(), O_WRONLY | O_CREAT, 0644));
+    ASSERT_TRUE(PwriteFull(fd.get(), datas[i].data(), 1000, 0).ok());
+    const struct timespec t[2] = {{100 * (i + 1), 0}, {100 * (i + 1), 0}};
+    ASSERT_EQ(::futimens(fd.get(), t), 0);
+  }
+  CacheOptions opt;
+  opt.max_bytes = 3000;
+  auto cache = OpenCache(opt);
+  // Blob 0 is the oldest but open: it stays. Opening it counts as a use, though the eviction
+  // pass this open queues must already find it locked.
+  auto open0 = Open(cache.get(), Where(datas[0]));
+  // A new partial of 1000 bytes: 5000 in all, so two closed blobs must go (1 and 2, the LRU).
+  const std::string fresh = RandomBytes(1000, 40);
+  auto blob = Open(cache.get(), Where(fresh));
+  Impl(blob)->SyncWorkerForTest();
+  EXPECT_TRUE(fs::exists(BlobPath(Sha256::Of(datas[0])))) << "open blobs are never evicted";
+  EXPECT_FALSE(fs::exists(BlobPath(Sha256::Of(datas[1]))));
+  EXPECT_FALSE(fs::exists(BlobPath(Sha256::Of(datas[2]))));
+  EXPECT_TRUE(fs::exists(BlobPath(Sha256::Of(datas[3]))));
+  EXPECT_TRUE(fs::exists(PartialPath(Sha256::Of(fresh)))) << "partials are never evicted";
+  // Committing the new blob and closing blob 0: blob 0 (used longest ago) goes next.
+  blob->Materialize();
+  ASSERT_TRUE(fetcher_.Write(Sha256::Of(fresh), 0, fresh).ok());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  Impl(blob)->SyncWorkerForTest();
+  EXPECT_TRUE(fs::exists(BlobPath(Sha256::Of(datas[0]))));
+  open0.reset();
+  // The last close marked it used now, so blob 3 is the least recently used one when another
+  // new partial needs room.
+  auto again = Open(cache.get(), Where(RandomBytes(1000, 41)));
+  Impl(again)->SyncWorkerForTest();
+  EXPECT_TRUE(fs::exists(BlobPath(Sha256::Of(datas[0]))));
+  EXPECT_TRUE(fs::exists(BlobPath(Sha256::Of(fresh))));
+  EXPECT_FALSE(fs::exists(BlobPath(Sha256::Of(datas[3]))));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -59,6 +59,9 @@ std::string EncodeState(const PartialState& s) {
   out += "size " + std::to_string(s.size) + "\n";
   out += "frontier " + std::to_string(s.frontier) + "\n";
   out += "sha256 " + ToHex(s.sha_state) + "\n";
+  for (const auto& [offset, state] : s.checkpoints) {
+    out += "checkpoint " + std::to_string(offset) + " " + ToHex(state) + "\n";
+  }
   for (const ByteRange& r : s.present.Ranges()) {
     out += "range " + std::to_string(r.begin) + " " + std::to_string(r.end) + "\n";
   }
@@ -87,7 +90,7 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
   if (lines.size() < 5) return DataLoss("state file is too short");
   std::string_view v;
   if (!Field(lines[0], kMagic, &v)) return DataLoss("state file has a bad magic line");
-  if (v != std::to_string(kStateVersion)) {
+  if (v != std::to_string(kStateVersion) && v != "1") {
     return FailedPrecondition("state file has version " + std::string(v.substr(0, 20)));
   }
   PartialState s;
@@ -111,20 +114,46 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
   }
   // The checksum vouches for the bytes, so a hash state this build cannot use (another
   // OpenSSL's SHA256_CTX layout) only costs re-hashing: keep the ranges, restart the frontier.
+  const uint64_t claimed_frontier = s.frontier;
   auto hasher = Sha256::LoadState(s.sha_state);
   if (!hasher.ok() || hasher->bytes_hashed() != s.frontier) {
     s.frontier = 0;
     s.sha_state = Sha256().SaveState();
     s.hash_reset = true;
   }
+  size_t i = 5;
+  for (; i < lines.size(); ++i) {
+    std::string_view rest;
+    if (!Field(lines[i], "checkpoint", &rest)) break;
+    size_t sp = rest.find(' ');
+    uint64_t off;
+    std::string state;
+    if (sp == std::string_view::npos || !ParseU64(rest.substr(0, sp), &off) ||
+        !FromHex(rest.substr(sp + 1), &state) || off > claimed_frontier ||
+        (!s.checkpoints.empty() && off <= s.checkpoints.rbegin()->first)) {
+      return DataLoss("state file: bad checkpoint line");
+    }
+    s.checkpoints[off] = std::move(state);
+  }
+  // As with the frontier's state: one this build cannot load only costs re-hashing (they are
+  // all dropped; repair then restarts hashing from offset 0).
+  for (const auto& [off, state] : s.checkpoints) {
+    auto h = Sha256::LoadState(state);
+    if (s.hash_reset || !h.ok() || h->bytes_hashed() != off) {
+      s.checkpoints.clear();
+      break;
+    }
+  }
+  const size_t first_range = i;
   uint64_t prev_end = 0;
-  for (size_t i = 5; i < lines.size(); ++i) {
+  for (; i < lines.size(); ++i) {
     std::string_view rest;
     if (!Field(lines[i], "range", &rest)) return DataLoss("state file: unexpected line");
     size_t sp = rest.find(' ');
     uint64_t b, e;
     if (sp == std::string_view::npos || !ParseU64(rest.substr(0, sp), &b) ||
-        !ParseU64(rest.substr(sp + 1), &e) || b >= e || e > size || (i > 5 && b <= prev_end)) {
+        !ParseU64(rest.substr(sp + 1), &e) || b >= e || e > size ||
+        (i > first_range && b <= prev_end)) {
       return DataLoss("state file: bad range line");
     }
     prev_end = e;

@@ -1,13 +1,16 @@
 // The resume record of a partial blob, partial/sha256-<hex>.state. A text file:
 //
-//   modelfs-partial-state 1
+//   modelfs-partial-state 2
 //   digest sha256:<64 hex>
 //   size <bytes>
 //   frontier <bytes hashed from offset 0>
 //   sha256 <hex of Sha256::SaveState() at the frontier>
+//   checkpoint <offset> <hex state>  SHA-256 state after [0, offset), at piece boundaries below
+//                                    the frontier (repair restarts hashing from one); ascending
 //   range <begin> <end>              one line per present range, ascending, disjoint
 //   checksum <64 hex>                SHA-256 of every byte above this line
 //
+// Version 1 (no checkpoint lines) is still read.
 // Decode trusts nothing: any malformed line, unknown version, wrong digest or size, unsorted or
 // out-of-bounds range, frontier outside the present prefix or bad checksum rejects the whole
 // file (the caller then starts from nothing). A well-formed hash state this build cannot load
@@ -15,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 
@@ -30,12 +34,14 @@ struct PartialState {
   RangeSet present;
   uint64_t frontier = 0;
   std::string sha_state;  // Sha256::SaveState() after hashing [0, frontier)
+  // Sha256::SaveState() after hashing [0, offset), for some offsets <= frontier.
+  std::map<uint64_t, std::string> checkpoints;
   // Decode only: the saved hash state was unusable here, so frontier and sha_state were reset
   // to the start (the present ranges are still good).
   bool hash_reset = false;
 };
 
-inline constexpr int kStateVersion = 1;
+inline constexpr int kStateVersion = 2;
 
 std::string EncodeState(const PartialState& state);
 // Fails (kDataLoss for corruption, kFailedPrecondition for another version/blob/size) when the

@@ -16,6 +16,10 @@ PartialState Sample() {
   h.Update(zeros.data(), zeros.size());
   s.frontier = 64;
   s.sha_state = h.SaveState();
+  s.checkpoints[0] = Sha256().SaveState();
+  Sha256 h32;
+  h32.Update(zeros.data(), 32);
+  s.checkpoints[32] = h32.SaveState();
   return s;
 }
 
@@ -39,6 +43,42 @@ TEST(StateFileTest, RoundTrips) {
   EXPECT_EQ(got->present, s.present);
   EXPECT_EQ(got->frontier, 64u);
   EXPECT_EQ(got->sha_state, s.sha_state);
+  EXPECT_EQ(got->checkpoints, s.checkpoints);
+}
+
+TEST(StateFileTest, ReadsVersionOneWithoutCheckpoints) {
+  PartialState s = Sample();
+  s.checkpoints.clear();
+  auto got = DecodeState(Resign(Replace(EncodeState(s), "state 2\n", "state 1\n")), s.digest,
+                         s.size);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->frontier, 64u);
+  EXPECT_TRUE(got->checkpoints.empty());
+}
+
+TEST(StateFileTest, RejectsBadCheckpoints) {
+  PartialState s = Sample();
+  std::string text = EncodeState(s);
+  // Past the frontier, out of order, not hex.
+  EXPECT_EQ(DecodeState(Resign(Replace(text, "checkpoint 32 ", "checkpoint 65 ")), s.digest,
+                        s.size)
+                .status()
+                .code(),
+            Code::kDataLoss);
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "checkpoint 32 ", "checkpoint 0 ")), s.digest, s.size).ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "checkpoint 32 ", "checkpoint 32 zz")), s.digest, s.size)
+          .ok());
+  // A state that does not match its offset: checkpoints dropped, the rest kept.
+  auto got = DecodeState(Resign(Replace(text, "checkpoint 32 ", "checkpoint 31 ")), s.digest,
+                         s.size);
+  ASSERT_TRUE(got.ok());
+  EXPECT_TRUE(got->checkpoints.empty());
+  EXPECT_EQ(got->frontier, 64u);
+  // After a range line, a checkpoint is an unexpected line.
+  std::string moved = Replace(text, "checksum", "checkpoint 48 00\nchecksum");
+  EXPECT_FALSE(DecodeState(Resign(moved), s.digest, s.size).ok());
 }
 
 TEST(StateFileTest, RejectsCorruptionAndTruncation) {
@@ -56,7 +96,7 @@ TEST(StateFileTest, RejectsCorruptionAndTruncation) {
 TEST(StateFileTest, RejectsOtherVersionBlobOrSize) {
   PartialState s = Sample();
   std::string text = EncodeState(s);
-  EXPECT_EQ(DecodeState(Resign(Replace(text, "state 1\n", "state 2\n")), s.digest, s.size)
+  EXPECT_EQ(DecodeState(Resign(Replace(text, "state 2\n", "state 9\n")), s.digest, s.size)
                 .status()
                 .code(),
             Code::kFailedPrecondition);

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "base/log.h"
+#include "base/metrics.h"
 #include "fetch/content_range.h"
 #include "fetch/url.h"
 
@@ -19,6 +20,8 @@ constexpr size_t kRateWindow = 30;
 constexpr size_t kMinFinishedRates = 5;
 constexpr size_t kMinInFlightRates = 3;
 constexpr uint64_t kMinRateSampleBytes = 64 << 10;
+constexpr double kMinRateSeconds = 0.2;          // younger attempts have no meaningful rate
+constexpr uint64_t kSplitGranule = 64 << 10;     // split points land on 64 KiB boundaries
 
 enum class PartAbort {
   kNone,
@@ -93,7 +96,11 @@ struct BlobFetch::Part {
   uint64_t attempt_bytes = 0;  // written (ranged) or received (stream) in this attempt
   uint64_t url_gen = 0;
   bool url_cdn = false;
+  bool url_mirror = false;
+  bool url_ranged = true;
+  size_t url_source = 0;
   std::string url;
+  std::string url_registry;
   std::string auth_sent;
 };
 
@@ -129,6 +136,10 @@ void BlobFetch::Begin(std::vector<ByteRange> wanted) {
 void BlobFetch::Demand(uint64_t offset, uint64_t len) {
   if (cancelled_ || len == 0 || offset >= where_.size) return;
   uint64_t end = std::min(where_.size, offset + std::min(len, where_.size - offset));
+  if (opts_.align_bytes > 0) {  // whole aligned blocks, so range caches see the same ranges
+    offset = AlignDown(offset);
+    end = std::min(where_.size, AlignDown(end + opts_.align_bytes - 1));
+  }
   failed_ = false;  // a new request after a failure tries again
   if (stream_mode_) {
     for (const auto& m : written_.Missing(offset, end)) stream_need_.Add(m);
@@ -147,8 +158,12 @@ void BlobFetch::Demand(uint64_t offset, uint64_t len) {
   std::vector<ByteRange> urgent;
   for (const auto& m : written_.Missing(offset, end)) {
     uint64_t u = std::min(m.end, m.begin + budget);
+    if (opts_.align_bytes > 0 && u < m.end) {  // m.begin may be an in-flight part's next byte
+      uint64_t down = AlignDown(u);
+      u = down > m.begin ? down : std::min(m.end, AlignDown(m.begin) + opts_.align_bytes);
+    }
     if (u > m.begin) {
-      budget -= u - m.begin;
+      budget -= std::min(budget, u - m.begin);
       SplitForDemand(m.begin, u);
       Takeover(m.begin, u, true);
       urgent.push_back({m.begin, u});
@@ -176,6 +191,13 @@ void BlobFetch::Refetch(uint64_t offset, uint64_t len) {
   if (cancelled_ || len == 0 || offset >= where_.size) return;
   uint64_t end = std::min(where_.size, offset + std::min(len, where_.size - offset));
   written_.Remove(offset, end);
+  // Bytes that failed verification: a mirror that may have served them is suspect, so
+  // everything from now on comes from the origin.
+  source_floor_ = SIZE_MAX;
+  if (url_mirror_) {
+    url_.clear();
+    warming_ = false;
+  }
   Demand(offset, end - offset);
 }
 
@@ -223,7 +245,7 @@ void BlobFetch::SplitForDemand(uint64_t b, uint64_t e) {
     if (!p->stream && p->next < e && p->end > b) candidates.push_back(p.get());
   }
   for (Part* p : candidates) {
-    uint64_t s = std::max(b, p->next);
+    uint64_t s = std::max(b, p->next);  // b is aligned (Demand) whenever a split happens
     if (s - p->next < opts_.min_split_bytes || s >= p->end) continue;  // arrives soon anyway
     if (!host_->TryAcquireSlot(true)) return;
     Part* q = NewPart(s, p->end, true, false);
@@ -248,7 +270,8 @@ void BlobFetch::Schedule() {
     if (static_cast<int>(parts_.size()) >= cap) break;
     if (!host_->TryAcquireSlot(demand)) break;
     ByteRange r = *next;
-    uint64_t e = std::min(r.end, r.begin + std::max<uint64_t>(1, opts_.part_size));
+    uint64_t ps = std::max<uint64_t>(1, opts_.part_size);
+    uint64_t e = std::min(r.end, opts_.align_bytes > 0 ? (r.begin / ps + 1) * ps : r.begin + ps);
     (demand ? todo_demand_ : todo_bg_).Remove(r.begin, e);
     StartAttempt(NewPart(r.begin, e, demand, false));
     if (cancelled_ || failed_) return;
@@ -259,21 +282,41 @@ void BlobFetch::Schedule() {
   }
 }
 
-// No tail: an idle slot takes the back half of the largest remaining in-flight part.
+// No tail: an idle slot takes over the end of the in-flight part expected to finish last. The
+// split point shares that part's remaining bytes in proportion to its own rate and the median
+// rate, so both halves should land together: a fast part is halved, while a crawling one keeps
+// only what it can deliver meanwhile (without this, a 200 KB/s connection holding its last MiB
+// sets the blob's finish time).
 bool BlobFetch::SplitTail() {
   if (static_cast<int>(parts_.size()) >= opts_.concurrency) return false;
+  const auto now = Clock::now();
+  const double median = MedianRate();
+  auto rate_of = [&](const Part& p) {
+    double secs = Seconds(now - p.attempt_start);
+    return secs >= kMinRateSeconds ? static_cast<double>(p.attempt_bytes) / secs : 0.0;
+  };
+  auto finish_in = [&](const Part& p) {
+    double rate = rate_of(p);
+    double remaining = static_cast<double>(p.end - p.next);
+    return rate > 0 ? remaining / rate : remaining / std::max(median, 1.0);
+  };
   Part* best = nullptr;
   for (auto& [id, p] : parts_) {
     if (p->stream || !p->xfer || p->end <= p->next) continue;
-    if (!best || p->end - p->next > best->end - best->next) best = p.get();
+    if (!best || finish_in(*p) > finish_in(*best)) best = p.get();
   }
-  if (!best || best->end - best->next < 2 * std::max<uint64_t>(1, opts_.min_split_bytes)) {
-    return false;
-  }
+  if (!best) return false;
+  const uint64_t remaining = best->end - best->next;
+  double keep_share = 0.5;
+  if (double rate = rate_of(*best); rate > 0 && median > 0) keep_share = rate / (rate + median);
+  uint64_t split = best->next + static_cast<uint64_t>(static_cast<double>(remaining) * keep_share);
+  split = opts_.align_bytes > 0 ? AlignDown(split)
+                                : split / kSplitGranule * kSplitGranule;
+  const uint64_t min_tail = std::max<uint64_t>(1, opts_.min_split_bytes / 4);
+  if (split <= best->next || split >= best->end || best->end - split < min_tail) return false;
   if (!host_->TryAcquireSlot(false)) return false;
-  uint64_t mid = best->next + (best->end - best->next) / 2;
-  Part* q = NewPart(mid, best->end, best->demand, false);
-  best->end = mid;
+  Part* q = NewPart(split, best->end, best->demand, false);
+  best->end = split;
   UpdateStats([](FetchStats& st) { st.splits++; });
   StartAttempt(q);
   return !cancelled_ && !failed_;
@@ -334,19 +377,26 @@ void BlobFetch::StartAttempt(Part* p) {
   p->url = url_;
   p->url_cdn = url_cdn_;
   p->url_gen = url_gen_;
+  p->url_registry = url_registry_;
+  p->url_mirror = url_mirror_;
+  p->url_ranged = url_ranged_;
+  p->url_source = url_source_;
   p->auth_sent.clear();
   if (p->stream) {
     t->req_begin = 0;
     t->req_end = where_.size;
   } else {
-    t->req_begin = p->next;
+    // Aligned mode resumes from the grid too (re-receiving < align_bytes, skipped below), so a
+    // range cache in front sees the same ranges from every node.
+    t->req_begin = AlignDown(p->next);
     t->req_end = p->end;
-    t->AddHeader("Range: bytes=" + std::to_string(p->next) + "-" + std::to_string(p->end - 1));
+    t->AddHeader("Range: bytes=" + std::to_string(t->req_begin) + "-" +
+                 std::to_string(p->end - 1));
   }
   if (!url_cdn_) {
     // Registry-served blob: it needs our Authorization. Never sent to another host (curl drops
     // custom Authorization on cross-host redirects, and CDN URLs get none).
-    p->auth_sent = host_->AuthHeader(where_.registry, where_.repository);
+    p->auth_sent = host_->AuthHeader(url_registry_, where_.repository);
     if (!p->auth_sent.empty()) t->AddHeader(p->auth_sent);
   }
   if (p->fresh) {
@@ -385,6 +435,10 @@ void BlobFetch::RetryLater(Part* p, double delay_s, std::string why) {
 void BlobFetch::HandleFailure(Part* p, std::string why, bool progressed) {
   if (progressed) p->tries = 0;
   p->tries++;
+  if (p->url_mirror && p->tries >= opts_.mirror_max_tries) {
+    NextSource(p, why, /*unhealthy=*/true);
+    return;
+  }
   if (p->tries >= opts_.max_tries) {
     Fail(Unavailable("giving up on " + Describe(p) + " after " + std::to_string(p->tries) +
                      " tries: " + why));
@@ -413,7 +467,7 @@ void BlobFetch::NeedResolve(Part* p, bool reresolve) {
 void BlobFetch::StartResolve() {
   resolving_ = true;
   std::weak_ptr<BlobFetch> w = weak_from_this();
-  host_->Resolve(where_, [w](StatusOr<ResolvedUrl> r) {
+  host_->ResolveFrom(where_, source_floor_, [w](StatusOr<ResolvedUrl> r) {
     if (auto self = w.lock()) self->OnResolved(std::move(r));
   });
 }
@@ -444,8 +498,47 @@ void BlobFetch::OnResolved(StatusOr<ResolvedUrl> r) {
     return;
   }
   resolve_tries_ = 0;
+  if (r->mirror && r->source < source_floor_) {  // a Refetch/NextSource moved on meanwhile
+    StartResolve();
+    return;
+  }
+  if (r->mirror && !r->ranged) {
+    // A pull-through cache answers 200 (streaming from upstream) until it holds the blob, then
+    // 206. Streaming from it now would pull the blob upstream once per node: wait instead.
+    auto now = Clock::now();
+    if (!warming_) {
+      warming_ = true;
+      warm_start_ = now;
+      warm_polls_ = 0;
+      LOG(kInfo) << "blob " << where_.digest.Short() << ": mirror " << RedactUrl(r->registry)
+                 << " is still pulling it (no Range support yet); waiting for it";
+    }
+    double limit = opts_.mirror_warm_wait_s + static_cast<double>(where_.size) / 50e6;
+    if (Seconds(now - warm_start_) < limit) {
+      // Few polls: distribution 2.8 pings upstream between its "do I have it" check and its
+      // "is it being pulled" check, and a poll landing there as the pull completes starts a
+      // second pull.
+      double delay = std::min(5.0, std::pow(2.0, warm_polls_++));
+      std::weak_ptr<BlobFetch> w = weak_from_this();
+      resolve_timer_ = host_->loop()->AddTimer(delay, [w] {
+        auto self = w.lock();
+        if (!self || self->cancelled_) return;
+        self->resolve_timer_ = 0;
+        if (!self->waiting_for_url_.empty() || self->url_.empty()) self->StartResolve();
+      });
+      return;
+    }
+    LOG(kWarn) << "blob " << where_.digest.Short() << ": mirror " << RedactUrl(r->registry)
+               << " still ignores Range after " << static_cast<int>(limit)
+               << " s; streaming from it";
+  }
+  warming_ = false;
   url_ = r->url;
   url_cdn_ = r->cdn;
+  url_registry_ = r->registry.empty() ? where_.registry : r->registry;
+  url_source_ = r->source;
+  url_mirror_ = r->mirror;
+  url_ranged_ = r->ranged;
   url_gen_++;
   LOG(kDebug) << "blob " << where_.digest.Short() << " served from " << RedactUrl(url_);
   std::vector<uint64_t> ids;
@@ -488,9 +581,11 @@ bool BlobFetch::WriteToSink(Part* p, PartTransfer* t, uint64_t offset, const cha
     return false;
   }
   written_.Add(offset, offset + len);
+  wrote_from_mirror_ |= p->url_mirror;
   if (!p->stream) p->next = offset + len;
   p->attempt_bytes += len;
   UpdateStats([len](FetchStats& st) { st.bytes_written += len; });
+  metrics::FetchBytes(p->url_mirror ? "mirror" : p->url_cdn ? "cdn" : "origin").Add(len);
   return true;
 }
 
@@ -550,9 +645,11 @@ size_t BlobFetch::OnPartBody(PartTransfer* t, const char* data, size_t n) {
     return n;
   }
   uint64_t limit = std::min(stop, p->end);
-  if (limit > pos && pos >= p->next) {
-    // pos == p->next: within one request, bytes arrive in order and every one is written.
-    if (!WriteToSink(p, t, pos, data, limit - pos)) return 0;
+  // pos == p->next: within one request, bytes arrive in order and every one is written. An
+  // aligned resume starts before p->next: those bytes are already written, skip them.
+  uint64_t from = std::max(pos, p->next);
+  if (limit > from) {
+    if (!WriteToSink(p, t, from, data + (from - pos), limit - from)) return 0;
   }
   t->pos = stop;
   if (stop > t->req_end) {
@@ -590,12 +687,20 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
                  << " sent more bytes than asked; extra bytes ignored";
     }
     RemovePart(p);
+    if (wrote_from_mirror_ && !reported_mirror_complete_ && written_.Contains(0, where_.size)) {
+      reported_mirror_complete_ = true;
+      host_->MirrorCompleted(where_);
+    }
     Schedule();
     return;
   }
   std::string where = " from " + RedactUrl(p->url);
   switch (t->abort) {
     case PartAbort::kFallback200:
+      if (p->url_mirror && p->url_ranged) {
+        MirrorWarming(p);  // it said 206 before: it is (again) pulling from upstream
+        return;
+      }
       EnterStreamMode();
       return;
     case PartAbort::kSinkFull:
@@ -656,9 +761,13 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
   std::string what = "HTTP " + std::to_string(status) + where;
   bool refused_url =
       status == 401 || ((status == 403 || status == 404 || status == 410) && p->url_cdn);
+  if (p->url_mirror && !p->url_cdn && (status == 404 || status == 410 || status == 403)) {
+    NextSource(p, what, /*unhealthy=*/false);  // the mirror lacks it (or refuses): next source
+    return;
+  }
   if (refused_url) {
     if (status == 401 && !p->url_cdn) {
-      host_->InvalidateAuth(where_.registry, where_.repository, p->auth_sent);
+      host_->InvalidateAuth(p->url_registry, where_.repository, p->auth_sent);
     }
     if (p->reresolves < opts_.max_reresolves) {
       p->reresolves++;
@@ -670,6 +779,11 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
       NeedResolve(p, true);
       return;
     }
+  }
+  if (p->url_mirror && (status == 429 || status == 503) &&
+      p->tries + 1 >= opts_.mirror_max_tries) {
+    NextSource(p, what, /*unhealthy=*/true);
+    return;
   }
   if (status == 429 || status == 503) {
     double ra = ParseRetryAfter(t->retry_after);
@@ -686,6 +800,10 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
     HandleFailure(p, what, progressed);
     return;
   }
+  if (p->url_mirror) {  // a mirror refusing or lacking the blob: the next source may have it
+    NextSource(p, what, /*unhealthy=*/false);
+    return;
+  }
   std::string msg = "fetching " + Describe(p) + ": " + what;
   if (status == 401)
     Fail(Unauthenticated(msg));
@@ -695,6 +813,37 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
     Fail(NotFound(msg));
   else
     Fail(Unavailable(msg));
+}
+
+// A part kept failing at a mirror (or the mirror lacks the blob): every part moves on to the
+// next source after it. Bytes already written stay written; parts resume at their next byte.
+void BlobFetch::NextSource(Part* p, const std::string& why, bool unhealthy) {
+  LOG(kInfo) << Describe(p) << ": " << why << "; trying the next source after mirror "
+             << RedactUrl(p->url_registry);
+  host_->MirrorFailed(p->url_registry, why, unhealthy);
+  source_floor_ = std::max(source_floor_, p->url_source + 1);
+  if (url_mirror_ && url_source_ < source_floor_) {
+    url_.clear();
+    warming_ = false;
+  }
+  p->tries = 0;
+  p->fresh = true;
+  UpdateStats([&](FetchStats& st) {
+    st.retries++;
+    st.last_error = why;
+  });
+  NeedResolve(p, false);
+}
+
+// A mirror answered a part's Range with a full 200: it does not hold the blob (any more) and
+// streams it from upstream. Wait for it to finish pulling (polled by the resolve).
+void BlobFetch::MirrorWarming(Part* p) {
+  if (p->url_gen == url_gen_) url_.clear();
+  NeedResolve(p, false);
+}
+
+uint64_t BlobFetch::AlignDown(uint64_t x) const {
+  return opts_.align_bytes > 0 ? x / opts_.align_bytes * opts_.align_bytes : x;
 }
 
 void BlobFetch::EnterStreamMode() {

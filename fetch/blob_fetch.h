@@ -10,6 +10,11 @@
 // the Sink, resuming from its next unwritten byte after any failure. Demand() bytes jump the
 // queue (and may split an in-flight part); idle slots split the largest remaining part (no
 // tail); stalled or slow parts are re-requested on a fresh connection.
+//
+// Sources (mirrors, see fetch/mirrors.h): the URL comes from the first healthy source at or
+// after source_floor_. Parts that keep failing at a mirror (or a mirror 404) raise the floor
+// past it and re-resolve; Refetch() sets it to the origin. With align_bytes, demand windows,
+// split points and resumes fall on the alignment grid and background parts on the part grid.
 #pragma once
 
 #include <deque>
@@ -34,6 +39,12 @@ class PartTransfer;
 struct ResolvedUrl {
   std::string url;
   bool cdn = false;  // another host: no Authorization is sent there
+  // Which source answered (fetch/mirrors.h): its base URL (empty: where.registry), its index
+  // in the source order, and whether it is a mirror.
+  std::string registry;
+  size_t source = 0;
+  bool mirror = false;
+  bool ranged = true;  // the probe's Range was honoured (206); false: a full 200
 };
 
 // What a BlobFetch needs from the client. Loop thread only.
@@ -49,6 +60,19 @@ class BlobFetchHost {
                               const std::string& header) = 0;
   virtual void Resolve(const BlobLocation& where,
                        std::function<void(StatusOr<ResolvedUrl>)> done) = 0;
+  // Mirrors (fetch/mirrors.h): resolves at the first healthy source from index `first` on
+  // (mirrors in order, then the origin; SIZE_MAX = the origin only). The default has no mirrors.
+  virtual void ResolveFrom(const BlobLocation& where, size_t first,
+                           std::function<void(StatusOr<ResolvedUrl>)> done) {
+    (void)first;
+    Resolve(where, std::move(done));
+  }
+  // Parts kept failing at mirror `registry` (unhealthy: mark it down for a while).
+  virtual void MirrorFailed(const std::string& registry, const std::string& why, bool unhealthy) {
+    (void)registry, (void)why, (void)unhealthy;
+  }
+  // Every byte of the blob was written, some of them from a mirror.
+  virtual void MirrorCompleted(const BlobLocation& where) { (void)where; }
   // Global connection slots shared by all blobs; demand may dip into a small reserve.
   virtual bool TryAcquireSlot(bool demand) = 0;
   virtual void AcquireSlot() = 0;  // unconditionally (the fallback stream)
@@ -94,6 +118,9 @@ class BlobFetch : public std::enable_shared_from_this<BlobFetch> {
   void StartResolve();
   void OnResolved(StatusOr<ResolvedUrl> r);
   void EnterStreamMode();
+  void NextSource(Part* p, const std::string& why, bool unhealthy);
+  void MirrorWarming(Part* p);
+  uint64_t AlignDown(uint64_t x) const;
   void Fail(const Status& s);
   void Tick();
   void EnsureTick();
@@ -134,6 +161,16 @@ class BlobFetch : public std::enable_shared_from_this<BlobFetch> {
   bool url_cdn_ = false;
   uint64_t url_gen_ = 0;
   bool resolving_ = false;
+  std::string url_registry_;  // the registry (or mirror) url_ belongs to
+  size_t url_source_ = 0;
+  bool url_mirror_ = false;
+  bool url_ranged_ = true;
+  size_t source_floor_ = 0;  // resolve from this source on (mirrors.h); SIZE_MAX: origin only
+  bool warming_ = false;     // a mirror is still pulling the blob: poll it
+  int warm_polls_ = 0;
+  Clock::time_point warm_start_;
+  bool wrote_from_mirror_ = false;
+  bool reported_mirror_complete_ = false;
   int resolve_tries_ = 0;
   CurlLoop::TimerId resolve_timer_ = 0;
   std::vector<uint64_t> waiting_for_url_;  // part ids

@@ -20,7 +20,12 @@ StatusOr<std::map<std::string, Credentials>> LoadCredentials(const std::string& 
   std::stringstream ss;
   ss << in.rdbuf();
   if (in.bad()) return IoError("reading credentials file " + path);
-  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  return ParseCredentials(ss.str(), path);
+}
+
+StatusOr<std::map<std::string, Credentials>> ParseCredentials(std::string_view json,
+                                                             const std::string& path) {
+  auto j = nlohmann::json::parse(json, nullptr, false);
   if (j.is_discarded() || !j.is_object()) {
     return InvalidArgument("credentials file " + path + " is not a JSON object");
   }

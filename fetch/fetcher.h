@@ -61,6 +61,15 @@ struct FetchOptions {
   uint64_t min_split_bytes = 1ull << 20;
   double disk_full_retry_s = 1;  // Sink::Write said kResourceExhausted: try again after this
   int max_reresolves = 3;        // per part, when a signed CDN URL is refused (401/403/404/410)
+  // Mirrors and proxies (fetch/mirrors.h): when non-zero, demand windows, part ends and split
+  // points fall on multiples of align_bytes, and background parts on multiples of part_size, so
+  // a range cache in front (nginx slice, a CDN) sees the same ranges from every node.
+  uint64_t align_bytes = 0;
+  // A mirror answering 200 to a Range request is still pulling the blob (a distribution
+  // pull-through cache): wait for it (polling) this long plus 1 s per 50 MB of blob before
+  // streaming from it instead.
+  double mirror_warm_wait_s = 60;
+  int mirror_max_tries = 3;  // failed tries of a part at a mirror before the next source
 };
 
 // Counters for status output and tests. Monotonic except in_flight.

@@ -94,6 +94,8 @@ void ConfigureEasy(CURL* e, const TransportConfig& c, const std::string& url, bo
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                    static_cast<long>(std::max(1.0, c.connect_timeout_s * 1000)));
   if (!c.user_agent.empty()) curl_easy_setopt(e, CURLOPT_USERAGENT, c.user_agent.c_str());
+  // An explicit --proxy; without it libcurl honours HTTP(S)_PROXY and NO_PROXY itself.
+  if (!c.proxy.empty()) curl_easy_setopt(e, CURLOPT_PROXY, c.proxy.c_str());
   if (c.insecure) {
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);

@@ -19,6 +19,7 @@ namespace modelfs::fetch {
 struct TransportConfig {
   std::string ca_pem;  // extra trust anchors (contents of --ca-file), added to the system CAs
   bool insecure = false;
+  std::string proxy;  // CURLOPT_PROXY when set; else libcurl reads HTTP(S)_PROXY / NO_PROXY
   std::string user_agent;
   double connect_timeout_s = 10;
 };

@@ -95,6 +95,7 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
 
   Status Init() {
     transport_.insecure = options_.insecure;
+    transport_.proxy = options_.proxy;  // --proxy (issue 7)
     transport_.user_agent = options_.user_agent;
     transport_.connect_timeout_s = options_.connect_timeout_s;
     if (!options_.ca_file.empty()) {
@@ -128,6 +129,12 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
     auto loop = CurlLoop::Create(lo);
     if (!loop.ok()) return loop.status();
     loop_ = std::shared_ptr<CurlLoop>(std::move(loop).value());
+    for (const auto& m : options_.mirror.mirrors) {
+      if (!ParseUrl(TrimRegistry(m))) {
+        return InvalidArgument("--mirror must be an http(s) URL: " + m);
+      }
+    }
+    mirrors_ = std::make_unique<MirrorSet>(options_.mirror);
     loop_->OnShutdown([this] {
       for (auto& f : fetches_) f->Shutdown();
       fetches_.clear();
@@ -145,6 +152,31 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
                                          const std::string& repository,
                                          const std::string& reference) override {
     std::string registry = TrimRegistry(registry_in);
+    for (const auto& src : mirrors_->Sources(registry)) {
+      if (!src.mirror) break;
+      auto r = GetManifestAt(src.url, repository, reference);
+      if (r.ok() && reference.rfind("sha256:", 0) == 0 &&
+          Sha256::Of(r->body).ToString() != reference) {
+        r = DataLoss("manifest " + reference + " from mirror " + src.url + " has another digest");
+      }
+      if (r.ok()) {
+        mirrors_->ReportSuccess(src.url);
+        return r;
+      }
+      if (r.status().code() == Code::kCancelled) return r.status();
+      if (r.status().code() == Code::kUnavailable) {
+        mirrors_->ReportFailure(src.url, r.status().message());
+      } else {
+        LOG(kDebug) << "mirror " << RedactUrl(src.url) << ": " << r.status().message()
+                    << "; trying the next source";
+      }
+    }
+    return GetManifestAt(registry, repository, reference);
+  }
+
+  StatusOr<ManifestResponse> GetManifestAt(const std::string& registry,
+                                           const std::string& repository,
+                                           const std::string& reference) {
     auto parts = ParseUrl(registry);
     if (!parts) return InvalidArgument("registry must be an http(s) URL: " + RedactUrl(registry));
     std::string name = repository + (reference.rfind("sha256:", 0) == 0 ? "@" : ":") + reference;
@@ -170,6 +202,33 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
   }
 
   StatusOr<std::string> GetBlob(const BlobLocation& where, uint64_t max_bytes) override {
+    std::string registry = TrimRegistry(where.registry);
+    for (const auto& src : mirrors_->Sources(registry, 0, &where.digest)) {
+      if (!src.mirror) break;
+      BlobLocation at = where;
+      at.registry = src.url;
+      auto r = GetBlobAt(at, max_bytes);
+      if (r.ok() && Sha256::Of(*r) != where.digest) {  // never trust a mirror more than the origin
+        r = DataLoss("blob " + where.digest.Short() + " from mirror " + src.url +
+                     " has another digest");
+        mirrors_->MarkSuspect(where.digest);
+      }
+      if (r.ok()) {
+        mirrors_->ReportSuccess(src.url);
+        return r;
+      }
+      if (r.status().code() == Code::kCancelled) return r.status();
+      if (r.status().code() == Code::kUnavailable) {
+        mirrors_->ReportFailure(src.url, r.status().message());
+      } else {
+        LOG(kInfo) << "mirror " << RedactUrl(src.url) << ": " << r.status().message()
+                   << "; trying the next source";
+      }
+    }
+    return GetBlobAt(where, max_bytes);
+  }
+
+  StatusOr<std::string> GetBlobAt(const BlobLocation& where, uint64_t max_bytes) {
     std::string registry = TrimRegistry(where.registry);
     auto parts = ParseUrl(registry);
     if (!parts) return InvalidArgument("registry must be an http(s) URL: " + RedactUrl(registry));
@@ -210,7 +269,14 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
           InvalidArgument("registry must be an http(s) URL: " + RedactUrl(where.registry)));
       return handle;
     }
-    bool ok = loop_->Post([this, f, wanted = std::move(wanted)]() mutable {
+    bool ok = loop_->Post([this, f, digest = where.digest, wanted = std::move(wanted)]() mutable {
+      if (completed_from_mirror_.erase(digest) > 0) {
+        // Fetched completely from a mirror before, and asked for again: the cache did not
+        // commit it (digest mismatch). The mirror is suspect for this blob.
+        LOG(kWarn) << "blob " << digest.Short() << " was fetched from a mirror and is fetched "
+                   << "again (failed verification?); fetching it from the origin";
+        mirrors_->MarkSuspect(digest);
+      }
       if (loop_->stopping()) {
         f->Begin(std::move(wanted));  // every request it makes is cancelled at once
         f->Shutdown();                // so the Sink hears kCancelled
@@ -261,6 +327,21 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
     std::string url =
         where.registry + "/v2/" + where.repository + "/blobs/" + where.digest.ToString();
     ResolveHop(where, url, 0, std::move(done));
+  }
+
+  void ResolveFrom(const BlobLocation& where, size_t first,
+                   std::function<void(StatusOr<ResolvedUrl>)> done) override {
+    ResolveSource(where, mirrors_->Sources(where.registry, first, &where.digest), 0,
+                  std::move(done));
+  }
+
+  void MirrorFailed(const std::string& registry, const std::string& why,
+                    bool unhealthy) override {
+    if (unhealthy) mirrors_->ReportFailure(registry, why);
+  }
+
+  void MirrorCompleted(const BlobLocation& where) override {
+    completed_from_mirror_.insert(where.digest);
   }
 
   bool TryAcquireSlot(bool demand) override {
@@ -486,6 +567,40 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
         });
   }
 
+  // Loop thread: resolves the blob at sources[i], falling through to the next source when a
+  // mirror fails or lacks it. The last source is the origin, whose answer is final.
+  void ResolveSource(const BlobLocation& where, std::vector<MirrorSet::Source> sources, size_t i,
+                     std::function<void(StatusOr<ResolvedUrl>)> done) {
+    MirrorSet::Source src = sources[i];
+    BlobLocation at = where;
+    at.registry = src.url;
+    std::string url = src.url + "/v2/" + where.repository + "/blobs/" + where.digest.ToString();
+    ResolveHop(at, url, 0,
+               [this, where, sources = std::move(sources), i, src,
+                done = std::move(done)](StatusOr<ResolvedUrl> r) mutable {
+                 if (r.ok()) {
+                   r->registry = src.url;
+                   r->source = src.index;
+                   r->mirror = src.mirror;
+                   if (src.mirror) mirrors_->ReportSuccess(src.url);
+                   done(std::move(r));
+                   return;
+                 }
+                 if (!src.mirror || i + 1 >= sources.size() ||
+                     r.status().code() == Code::kCancelled) {
+                   done(std::move(r));
+                   return;
+                 }
+                 if (r.status().code() == Code::kUnavailable) {
+                   mirrors_->ReportFailure(src.url, r.status().message());
+                 } else {
+                   LOG(kInfo) << "mirror " << RedactUrl(src.url) << ": "
+                              << r.status().message() << "; trying the next source";
+                 }
+                 ResolveSource(where, std::move(sources), i + 1, std::move(done));
+               });
+  }
+
   // Loop thread: follows same-host redirects of the blob URL; the first URL on another host (a
   // CDN, usually signed) is used for every part, without Authorization.
   void ResolveHop(const BlobLocation& where, std::string url, int hops,
@@ -530,11 +645,18 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
               ResolveHop(where, r.redirect_url, hops + 1, std::move(done));
               return;
             }
-            done(ResolvedUrl{r.redirect_url, true});
+            ResolvedUrl cdn;
+            cdn.url = r.redirect_url;
+            cdn.cdn = true;
+            done(std::move(cdn));
             return;
           }
           if (r.status >= 200 && r.status < 300) {
-            done(ResolvedUrl{url, !SameOrigin(url, where.registry)});
+            ResolvedUrl u;
+            u.url = url;
+            u.cdn = !SameOrigin(url, where.registry);
+            u.ranged = r.status == 206;
+            done(std::move(u));
             return;
           }
           if (r.status == 404) {
@@ -550,12 +672,14 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
   TransportConfig transport_;
   std::map<std::string, Credentials> credentials_;  // by normalized host
   std::shared_ptr<CurlLoop> loop_;
+  std::unique_ptr<MirrorSet> mirrors_;  // safe for concurrent use
 
   // Loop thread only.
   std::unordered_map<std::string, Challenge> hints_;  // (registry, repository) -> last challenge
   std::unordered_map<std::string, CachedToken> tokens_;
   std::unordered_map<std::string, std::vector<TokenCallback>> token_waiters_;
   std::vector<std::shared_ptr<BlobFetch>> fetches_;
+  std::set<Digest> completed_from_mirror_;  // blobs whose every byte arrived, some from a mirror
   int slots_used_ = 0;
   CurlLoop::TimerId schedule_timer_ = 0;
   size_t rr_ = 0;

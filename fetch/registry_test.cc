@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <string>
 #include <thread>
 
 #include "fetch/test_server.h"
@@ -39,6 +41,7 @@ std::unique_ptr<RegistryClient> NewClient(ClientOptions o = FastOptions()) {
 struct BearerRegistry {
   std::atomic<int> token_requests{0};
   std::atomic<int> manifest_requests{0};
+  std::atomic<int> expires_in{300};
   std::string last_token_query;
   std::mutex mu;
   TestServer server{[this](const TestRequest& r, TestConn& c) { Handle(r, c); }};
@@ -51,7 +54,8 @@ struct BearerRegistry {
         last_token_query = r.query;
       }
       c.Sleep(0.05);  // let concurrent callers pile up behind one token request
-      c.Send(TestServer::Response(200, R"({"token":"good-token","expires_in":300})"));
+      c.Send(TestServer::Response(200, R"({"token":"good-token","expires_in":)" +
+                                           std::to_string(expires_in.load()) + "}"));
       return;
     }
     if (r.path.find("/manifests/") != std::string::npos) {
@@ -89,6 +93,27 @@ TEST(RegistryTest, ManifestWithAnonymousBearerToken) {
   ASSERT_TRUE(client->GetManifest(reg.server.url(), "library/m", "latest").ok());
   EXPECT_EQ(reg.token_requests.load(), 1);
   EXPECT_EQ(reg.manifest_requests.load(), before + 1);
+}
+
+// Issue 7: a token is reused until it expires, then replaced by exactly one new request.
+TEST(RegistryTest, TokenIsCachedUntilExpiryThenRefreshed) {
+  BearerRegistry reg;
+  reg.expires_in = 1;  // the client renews a little early, but keeps a token at least 1 s
+  auto client = NewClient();
+  ASSERT_TRUE(client->GetManifest(reg.server.url(), "library/m", "latest").ok());
+  ASSERT_TRUE(client->GetManifest(reg.server.url(), "library/m", "latest").ok());
+  EXPECT_EQ(reg.token_requests.load(), 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1300));
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      if (client->GetManifest(reg.server.url(), "library/m", "latest").ok()) ok++;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 4);
+  EXPECT_EQ(reg.token_requests.load(), 2);
 }
 
 TEST(RegistryTest, ConcurrentCallersShareOneTokenRequest) {

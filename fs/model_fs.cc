@@ -6,7 +6,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <pthread.h>
+#include <thread>
+#include <csignal>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -17,6 +21,9 @@
 #include <vector>
 
 #include "base/log.h"
+#include "base/metrics.h"
+#include "fs/control.h"
+#include "fs/readahead.h"
 #include "manifest/layout.h"
 
 namespace modelfs::fs {
@@ -27,7 +34,9 @@ constexpr double kDirTimeout = 60;      // a tag may move; re-resolution is per 
 constexpr char kManifestFile[] = "manifest.json";
 constexpr unsigned kMaxRead = 1 << 20;  // bytes per FUSE read request
 
-enum class Kind { kRoot, kDir, kBlobFile, kMemFile };
+// kControlDir/kControlFile: MOUNT/.modelfs and MOUNT/.ollama (fs/control.h); an .ollama
+// manifest is a kMemFile and an .ollama blob a kBlobFile of a model that has it.
+enum class Kind { kRoot, kDir, kBlobFile, kMemFile, kControlDir, kControlFile };
 
 // An inode. Immutable once published in ModelFs::nodes_; nodes live for the mount's lifetime
 // (their number is bounded by distinct valid names looked up), so forget needs no bookkeeping.
@@ -44,6 +53,9 @@ struct Node {
 struct OpenFile {
   const Node* node;
   std::shared_ptr<cache::Blob> blob;  // kBlobFile
+  std::string content;                // kControlFile: generated at open
+  std::mutex mu;                      // the kernel may send one file's reads concurrently
+  Readahead readahead;                // GUARDED_BY(mu)
 };
 
 struct DirEntry {
@@ -70,6 +82,7 @@ class ModelFs {
   void SetServices(const Services& s) {
     resolver_ = s.resolver;
     cache_ = s.cache;
+    control_ = s.control;
   }
 
   static ModelFs* From(fuse_req_t req) { return static_cast<ModelFs*>(fuse_req_userdata(req)); }
@@ -88,7 +101,7 @@ class ModelFs {
   void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c) {
     const Node* p = Get(parent);
     if (p == nullptr) return (void)fuse_reply_err(req, ENOENT);
-    if (p->kind == Kind::kBlobFile || p->kind == Kind::kMemFile) {
+    if (!IsDir(*p)) {
       return (void)fuse_reply_err(req, ENOTDIR);
     }
     std::string name(name_c);
@@ -119,6 +132,15 @@ class ModelFs {
     }
     auto file = std::make_unique<OpenFile>();
     file->node = n;
+    if (n->kind == Kind::kControlFile) {  // made now, so its size is unknown ahead: direct_io
+      auto text = control_->Generate(n->path);
+      if (!text.ok()) return (void)fuse_reply_err(req, StatusToErrno(text.status()));
+      file->content = std::move(*text);
+      fi->direct_io = 1;
+      fi->fh = reinterpret_cast<uint64_t>(file.release());
+      if (fuse_reply_open(req, fi) != 0) Release(fi);
+      return;
+    }
     if (n->kind == Kind::kBlobFile) {
       auto blob = cache_->OpenBlob(n->model->Locate(n->blob));
       if (!blob.ok()) {
@@ -137,8 +159,10 @@ class ModelFs {
   }
 
   void Read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
+    last_read_ns_.store(NowNs(), std::memory_order_relaxed);
     auto* file = reinterpret_cast<OpenFile*>(fi->fh);
     const Node* n = file->node;
+    if (n->kind == Kind::kControlFile) return ReadControl(req, *file, size, off);
     uint64_t offset = static_cast<uint64_t>(off);
     if (off < 0) return (void)fuse_reply_err(req, EINVAL);
     if (offset >= n->size || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);
@@ -146,8 +170,22 @@ class ModelFs {
     if (n->kind == Kind::kMemFile) {
       return (void)fuse_reply_buf(req, n->model->manifest_bytes.data() + offset, size);
     }
-    // Parked until the bytes are present; answered from whichever thread brings them.
-    file->blob->WhenReadable(offset, size, [req, offset, size](const Status& status, int fd) {
+    // The window around the read (aligned, and readahead for a stream) starts at the read's
+    // own offset, so the bytes it waits for are the first of the request that brings them.
+    ByteRange ahead;
+    {
+      std::lock_guard<std::mutex> lock(file->mu);
+      ahead = file->readahead.OnRead(offset, size, n->size);
+    }
+    ahead.begin = std::max(ahead.begin, offset);
+    file->blob->Prefetch(ahead.begin, ahead.size());
+    // Parked until the bytes are present, answered from whichever thread brings them. Once the
+    // reply is sent the file may be released: nothing below may touch `file`.
+    const auto start = std::chrono::steady_clock::now();
+    file->blob->WhenReadable(offset, size, [req, offset, size, start](const Status& status,
+                                                                     int fd) {
+      metrics::ReadWaitSeconds().Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       if (!status.ok()) {
         if (status.code() != Code::kCancelled) LOG(kWarn) << "read failed: " << status.ToString();
         fuse_reply_err(req, EIO);
@@ -203,7 +241,83 @@ class ModelFs {
   }
 
  private:
-  static bool IsDir(const Node& n) { return n.kind == Kind::kRoot || n.kind == Kind::kDir; }
+  static bool IsDir(const Node& n) {
+    return n.kind == Kind::kRoot || n.kind == Kind::kDir || n.kind == Kind::kControlDir;
+  }
+
+  // ---- Control directory, .ollama view and xattrs (fs/control.h) ----
+
+  void ReadControl(fuse_req_t req, const OpenFile& file, size_t size, off_t off) {
+    if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+    const std::string& c = file.content;
+    size_t begin = std::min(c.size(), static_cast<size_t>(off));
+    fuse_reply_buf(req, c.data() + begin, std::min(size, c.size() - begin));
+  }
+
+  bool IsControlChild(const Node& parent, const std::string& name) const {
+    return control_ != nullptr &&
+           (parent.kind == Kind::kControlDir ||
+            (parent.kind == Kind::kRoot && (name == kControlDirName || name == kOllamaDirName)));
+  }
+
+  StatusOr<std::unique_ptr<Node>> MakeControlChild(const Node& parent, const std::string& name) {
+    auto child = std::make_unique<Node>();
+    child->path = parent.path;
+    child->path.push_back(name);
+    ASSIGN_OR_RETURN(ControlEntry e, control_->Lookup(child->path));
+    switch (e.kind) {
+      case ControlEntry::Kind::kDir:
+        child->kind = Kind::kControlDir;
+        break;
+      case ControlEntry::Kind::kGenerated:
+        child->kind = Kind::kControlFile;
+        break;
+      case ControlEntry::Kind::kManifest:
+        child->kind = Kind::kMemFile;
+        child->model = e.model;
+        child->size = e.model->manifest_bytes.size();
+        break;
+      case ControlEntry::Kind::kBlob:
+        child->kind = Kind::kBlobFile;
+        child->model = e.model;
+        child->blob = e.blob;
+        child->size = e.blob.size;
+        break;
+    }
+    return child;
+  }
+
+ public:
+  // getxattr(2) with size 0 asks for the length; ERANGE when the buffer is too small.
+  void GetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+    const Node* n = Get(ino);
+    if (n == nullptr) return (void)fuse_reply_err(req, ENOENT);
+    // Cheap refusal of what the kernel and ls(1) probe (security.*, system.posix_acl_*).
+    if (std::strncmp(name, "user.modelfs.", 13) != 0) return (void)fuse_reply_err(req, ENODATA);
+    for (const auto& [key, value] : Xattrs(*n)) {
+      if (key != name) continue;
+      if (size == 0) return (void)fuse_reply_xattr(req, value.size());
+      if (size < value.size()) return (void)fuse_reply_err(req, ERANGE);
+      return (void)fuse_reply_buf(req, value.data(), value.size());
+    }
+    fuse_reply_err(req, ENODATA);
+  }
+
+  void ListXattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+    const Node* n = Get(ino);
+    if (n == nullptr) return (void)fuse_reply_err(req, ENOENT);
+    std::string names;
+    for (const auto& [key, value] : Xattrs(*n)) names += key + '\0';
+    if (size == 0) return (void)fuse_reply_xattr(req, names.size());
+    if (size < names.size()) return (void)fuse_reply_err(req, ERANGE);
+    fuse_reply_buf(req, names.data(), names.size());
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::string>> Xattrs(const Node& n) {
+    if (n.kind != Kind::kBlobFile || control_ == nullptr) return {};
+    return control_->BlobXattrs(n.blob);
+  }
 
   static std::string Join(const std::vector<std::string>& path) {
     std::string out;
@@ -229,6 +343,7 @@ class ModelFs {
   }
 
   StatusOr<std::unique_ptr<Node>> MakeChild(const Node& parent, const std::string& name) {
+    if (IsControlChild(parent, name)) return MakeControlChild(parent, name);
     auto child = std::make_unique<Node>();
     child->path = parent.path;
     child->path.push_back(name);
@@ -305,6 +420,14 @@ class ModelFs {
   // Directory contents: a model's files, or the stored models under a prefix.
   std::vector<DirEntry> List(const Node& n) {
     std::vector<DirEntry> out = {{".", true}, {"..", true}};
+    if (n.kind == Kind::kControlDir) {
+      for (auto& [name, is_dir] : control_->List(n.path)) out.push_back({name, is_dir});
+      return out;
+    }
+    if (n.kind == Kind::kRoot && control_ != nullptr) {
+      out.push_back({kControlDirName, true});
+      out.push_back({kOllamaDirName, true});
+    }
     if (n.model) {
       for (const auto& f : n.model->files) out.push_back({f.name, false});
       out.push_back({kManifestFile, false});
@@ -339,10 +462,24 @@ class ModelFs {
     return out;
   }
 
+  static int64_t NowNs() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+ public:
+  // When the last read request arrived (steady clock, ns): the shutdown drains until quiet.
+  int64_t last_read_ns() const { return last_read_ns_.load(std::memory_order_relaxed); }
+  static int64_t Now() { return NowNs(); }
+
+ private:
+  std::atomic<int64_t> last_read_ns_{0};
   const MountOptions options_;
   const time_t start_time_;
   Resolver* resolver_ = nullptr;
   cache::Cache* cache_ = nullptr;
+  Control* control_ = nullptr;
 
   std::mutex mu_;
   std::unordered_map<fuse_ino_t, std::unique_ptr<Node>> nodes_;      // GUARDED_BY(mu_)
@@ -395,6 +532,12 @@ const fuse_lowlevel_ops kOps = [] {
     ModelFs::From(req)->ReleaseDir(fi);
     fuse_reply_err(req, 0);
   };
+  ops.getxattr = [](fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+    Guard(req, [&] { ModelFs::From(req)->GetXattr(req, ino, name, size); });
+  };
+  ops.listxattr = [](fuse_req_t req, fuse_ino_t ino, size_t size) {
+    Guard(req, [&] { ModelFs::From(req)->ListXattr(req, ino, size); });
+  };
   ops.statfs = [](fuse_req_t req, fuse_ino_t) {
     struct statvfs st {};
     st.f_bsize = st.f_frsize = 4096;
@@ -404,6 +547,71 @@ const fuse_lowlevel_ops kOps = [] {
   };
   return ops;
 }();
+
+// Ends a mount on SIGTERM, SIGINT or SIGHUP so that every reader gets an answer. Order matters:
+// first `stop` fails parked and new reads (EIO); then the FUSE loop keeps serving until reads go
+// quiet, because the kernel retries a failed readahead page with a fresh read that must also get
+// EIO (a closed session would answer ENOTCONN); only then does the loop end.
+// Thread "modelfs-signal" owns the wait; the caller blocks the signals before any thread starts.
+class SignalStopper {
+ public:
+  SignalStopper(fuse_session* se, const ModelFs* fs, std::function<void()> stop)
+      : se_(se), fs_(fs), stop_(std::move(stop)), loop_thread_(pthread_self()) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~SignalStopper() {
+    done_ = true;
+    pthread_kill(thread_.native_handle(), SIGUSR1);
+    thread_.join();
+  }
+  bool stopped_by_signal() const { return signalled_; }
+
+  static void BlockSignals() {
+    sigset_t set = Set();
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    // SIGUSR2 interrupts the loop's wait; its handler does nothing, and without SA_RESTART.
+    struct sigaction sa {};
+    sa.sa_handler = [](int) {};
+    sigaction(SIGUSR2, &sa, nullptr);
+  }
+
+ private:
+  static sigset_t Set() {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGUSR1}) sigaddset(&set, sig);
+    return set;
+  }
+
+  void Run() {
+    pthread_setname_np(pthread_self(), "modelfs-signal");
+    sigset_t set = Set();
+    int sig = 0;
+    while (sigwait(&set, &sig) == 0 && !done_) {
+      if (sig == SIGUSR1) continue;
+      LOG(kInfo) << "signal " << sig << ": failing pending reads and unmounting";
+      signalled_ = true;
+      stop_();
+      constexpr int64_t kQuietNs = 100'000'000, kMaxNs = 2'000'000'000;
+      const int64_t start = ModelFs::Now();
+      while (ModelFs::Now() - std::max(start, fs_->last_read_ns()) < kQuietNs &&
+             ModelFs::Now() - start < kMaxNs) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      fuse_session_exit(se_);
+      pthread_kill(loop_thread_, SIGUSR2);
+      return;
+    }
+  }
+
+  fuse_session* const se_;
+  const ModelFs* const fs_;
+  const std::function<void()> stop_;
+  const pthread_t loop_thread_;
+  std::atomic<bool> done_{false};
+  std::atomic<bool> signalled_{false};
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -425,16 +633,14 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
     return 1;
   }
   int rc = 1;
-  if (fuse_set_signal_handlers(se) != 0) {
-    fuse_session_destroy(se);
-    return 1;
-  }
   if (fuse_session_mount(se, options.mountpoint.c_str()) != 0) {
     LOG(kError) << "cannot mount on " << options.mountpoint
                 << " (is it an existing empty directory, and is /dev/fuse usable?)";
   } else {
     fuse_daemonize(options.foreground ? 1 : 0);
     if (!options.foreground) LogToSyslog();
+    // Before any thread starts, so that only the stopper's sigwait sees these signals.
+    SignalStopper::BlockSignals();
     auto services = setup();
     if (!services.ok()) {
       LOG(kError) << services.status().ToString();
@@ -444,16 +650,20 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
       fuse_loop_config* cfg = fuse_loop_cfg_create();
       fuse_loop_cfg_set_max_threads(cfg, static_cast<unsigned>(options.max_threads));
       fuse_loop_cfg_set_idle_threads(cfg, 8);
-      // > 0 is the signal that ended the loop (SIGTERM is a clean stop); < 0 an error.
-      rc = fuse_session_loop_mt(se, cfg) < 0 ? 1 : 0;
+      int loop_rc;
+      {
+        cache::Cache* cache = services->cache;
+        SignalStopper stopper(se, &fs, [cache] { cache->Shutdown(); });
+        loop_rc = fuse_session_loop_mt(se, cfg);
+        if (stopper.stopped_by_signal()) loop_rc = 0;
+      }
+      rc = loop_rc < 0 ? 1 : 0;
       fuse_loop_cfg_destroy(cfg);
       LOG(kInfo) << "unmounting " << options.mountpoint;
     }
-    // Parked reads are answered (EIO) before the session goes away.
     teardown();
     fuse_session_unmount(se);
   }
-  fuse_remove_signal_handlers(se);
   fuse_session_destroy(se);
   return rc;
 }

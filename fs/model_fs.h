@@ -45,9 +45,11 @@ struct MountOptions {
 // detached (threads started before a fork would be lost); it must return the resolver and cache
 // the filesystem serves from, and they must stay valid until Serve returns. `teardown` runs after
 // the last request, before the unmount completes.
+class Control;  // fs/control.h
 struct Services {
   Resolver* resolver = nullptr;
   cache::Cache* cache = nullptr;
+  Control* control = nullptr;  // optional: MOUNT/.modelfs/, MOUNT/.ollama/, user.modelfs.* xattrs
 };
 int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>& setup,
           const std::function<void()>& teardown);

@@ -90,14 +90,28 @@ Resolver::Result Resolver::ResolveUncached(const manifest::ModelName& name) {
       return stored;
     }
     LOG(kError) << "cannot resolve " << name.ToString() << ": " << response.status().ToString();
+    if (response.status().code() == Code::kResourceExhausted) {
+      // An oversized manifest (hostile registry) is not a full disk: EIO, not ENOSPC (issue 7).
+      return DataLoss(response.status().message());
+    }
     return response.status();
   }
 
+  // A manifest the registry sent but we cannot use is the registry's fault, not the name's:
+  // DataLoss (EIO at the FUSE edge), logged. InvalidArgument would read as "this path cannot
+  // name a model" and turn the name into an empty prefix directory (issue 7).
+  auto unusable = [&](const Status& s) {
+    LOG(kError) << "bad manifest for " << name.ToString() << ": " << s.message();
+    return DataLoss("manifest of " + name.ToString() + " is unusable: " + s.message());
+  };
   std::string body = std::move(response->body);
-  ASSIGN_OR_RETURN(manifest::DocumentKind kind,
-                   manifest::Classify(body, response->content_type));
+  auto kind_or = manifest::Classify(body, response->content_type);
+  if (!kind_or.ok()) return unusable(kind_or.status());
+  manifest::DocumentKind kind = *kind_or;
   if (kind == manifest::DocumentKind::kIndex) {
-    ASSIGN_OR_RETURN(Digest picked, manifest::PickFromIndex(body));
+    auto picked_or = manifest::PickFromIndex(body);
+    if (!picked_or.ok()) return unusable(picked_or.status());
+    Digest picked = *picked_or;
     ASSIGN_OR_RETURN(auto inner, client_->GetManifest(registry, repo, picked.ToString()));
     if (Sha256::Of(inner.body) != picked) {
       return DataLoss("manifest " + picked.ToString() + " for " + name.ToString() +
@@ -106,10 +120,7 @@ Resolver::Result Resolver::ResolveUncached(const manifest::ModelName& name) {
     body = std::move(inner.body);
   }
   auto model = Build(name, body);
-  if (!model.ok()) {
-    LOG(kError) << "bad manifest for " << name.ToString() << ": " << model.status().message();
-    return model.status().Annotate("manifest of " + name.ToString());
-  }
+  if (!model.ok()) return unusable(model.status());
   Status stored = cache_->PutManifest(name.CacheKey(), body);
   if (!stored.ok()) LOG(kWarn) << "cannot store manifest: " << stored.ToString();
   return model;

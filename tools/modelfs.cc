@@ -18,8 +18,11 @@
 #include "base/units.h"
 #include "cache/cache.h"
 #include "fetch/registry.h"
+#include "fs/control.h"
 #include "fs/model_fs.h"
 #include "fs/resolver.h"
+#include "tools/metrics_server.h"
+#include "tools/ops.h"
 
 namespace modelfs {
 namespace {
@@ -56,8 +59,10 @@ const std::set<std::string> kIgnoredMountOptions = {
     "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
     "nodiratime", "sync", "async", "ro"};
 const std::set<std::string> kValueOptions = {
+    "metrics",
     "registry", "cache", "concurrency", "part_size", "credentials", "ca_file", "stall_timeout",
-    "log_level", "verify", "uid", "gid", "umask", "max_threads"};
+    "log_level", "verify", "uid", "gid", "umask", "max_threads", "proxy", "request_timeout",
+    "mirror", "cache_max"};
 const std::set<std::string> kBoolOptions = {"allow_other", "default_permissions", "insecure",
                                             "lazy", "foreground", "debug"};
 
@@ -81,7 +86,12 @@ Status ApplyMountOptions(const std::vector<std::string>& groups, Settings* s) {
         s->flags.insert(key);
       } else {
         if (!kValueOptions.count(key)) return InvalidArgument("unknown mount option: " + opt);
-        s->values[key] = opt.substr(eq + 1);
+        auto prev = s->values.find(key);
+        if (key == "mirror" && prev != s->values.end()) {  // repeatable: mirror=A,mirror=B
+          prev->second += "|" + opt.substr(eq + 1);
+        } else {
+          s->values[key] = opt.substr(eq + 1);
+        }
       }
     }
   }
@@ -106,6 +116,7 @@ struct MountConfig {
   cache::CacheOptions cache;
   fs::MountOptions mount;
   LogLevel log_level = LogLevel::kInfo;
+  std::string metrics_addr;  // --metrics HOST:PORT, "" = off
 };
 
 StatusOr<MountConfig> BuildConfig(const Settings& s, const std::string& mountpoint) {
@@ -133,10 +144,44 @@ StatusOr<MountConfig> BuildConfig(const Settings& s, const std::string& mountpoi
   ASSIGN_OR_RETURN(double stall, ParseSeconds(get("stall_timeout", "10")));
   if (stall < 0.1) return InvalidArgument("--stall-timeout must be at least 0.1s");
   c.client.fetch.part_size = part_size;
+  c.cache.piece_size = part_size;  // repair re-fetches one part at a time
+  if (std::string max = get("cache_max", ""); !max.empty()) {
+    ASSIGN_OR_RETURN(c.cache.max_bytes, ParseSize(max));
+  }
   c.client.fetch.concurrency = static_cast<int>(concurrency);
   c.client.fetch.stall_timeout_s = stall;
   c.client.ca_file = get("ca_file", "");
   c.client.insecure = on("insecure");
+  // --mirror (issue 8): registries tried in order before --registry; "A|B" or repeated.
+  c.client.mirror.origin = c.registry;
+  for (std::string rest = get("mirror", ""); !rest.empty();) {
+    size_t bar = rest.find('|');
+    std::string m = rest.substr(0, bar);
+    rest = bar == std::string::npos ? "" : rest.substr(bar + 1);
+    if (m.empty()) continue;
+    if (m.rfind("http://", 0) != 0 && m.rfind("https://", 0) != 0) {
+      return InvalidArgument("--mirror must be an http:// or https:// URL: " + m);
+    }
+    c.client.mirror.mirrors.push_back(m);
+  }
+  // Through a mirror or proxy, keep ranges on a 1 MiB grid so range caches hit across nodes.
+  bool env_proxy = false;
+  for (const char* v : {"http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                        "ALL_PROXY"}) {
+    env_proxy |= !Env(v).empty();
+  }
+  if (!c.client.mirror.mirrors.empty() || !get("proxy", "").empty() || env_proxy) {
+    c.client.fetch.align_bytes = 1u << 20;
+  }
+  // --proxy (issue 7): an explicit proxy; HTTP(S)_PROXY/NO_PROXY otherwise apply as in curl.
+  c.client.proxy = get("proxy", "");
+  if (!c.client.proxy.empty() && c.client.proxy.find("://") == std::string::npos) {
+    return InvalidArgument("--proxy must be a URL like http://host:3128");
+  }
+  // request_timeout: the total budget of a manifest/token request (slow or stuck registries).
+  ASSIGN_OR_RETURN(double request_timeout, ParseSeconds(get("request_timeout", "30")));
+  if (request_timeout < 0.5) return InvalidArgument("request_timeout must be at least 0.5s");
+  c.client.request_timeout_s = request_timeout;
 
   std::string creds = get("credentials", "");
   bool optional = creds.empty();
@@ -171,11 +216,24 @@ StatusOr<MountConfig> BuildConfig(const Settings& s, const std::string& mountpoi
   if (!ParseLogLevel(get("log_level", "info"), &c.log_level)) {
     return InvalidArgument("--log-level must be debug, info, warn or error");
   }
+  c.metrics_addr = get("metrics", "");
   return c;
+}
+
+// libcurl reads only the lowercase http_proxy for http:// URLs (uppercase HTTP_PROXY is ignored
+// because CGI programs get it from a request header). A daemon is no CGI program, and users set
+// HTTP_PROXY like HTTPS_PROXY, so honour it the same way (issue 7). NO_PROXY still applies.
+void NormalizeProxyEnvironment() {
+  const char* lower = std::getenv("http_proxy");
+  const char* upper = std::getenv("HTTP_PROXY");
+  if ((lower == nullptr || *lower == '\0') && upper != nullptr && *upper != '\0') {
+    setenv("http_proxy", upper, 1);
+  }
 }
 
 int RunMount(const MountConfig& config) {
   SetLogLevel(config.log_level);
+  NormalizeProxyEnvironment();
   struct stat st;
   if (stat(config.mount.mountpoint.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     std::cerr << "modelfs: mountpoint " << config.mount.mountpoint
@@ -190,14 +248,31 @@ int RunMount(const MountConfig& config) {
   std::unique_ptr<fetch::RegistryClient> client;
   std::unique_ptr<cache::Cache> cache;
   std::unique_ptr<fs::Resolver> resolver;
+  std::unique_ptr<fs::Control> control;  // .modelfs/, .ollama/, xattrs (issue 6)
+  // Resolved now: the daemon chdirs to / when it detaches.
+  char* abs = realpath(config.mount.mountpoint.c_str(), nullptr);
+  const std::string mountpoint_abs = abs ? abs : config.mount.mountpoint;
+  free(abs);
+  std::unique_ptr<tools::MetricsServer> metrics;
   auto setup = [&]() -> StatusOr<fs::Services> {
     ASSIGN_OR_RETURN(client, fetch::RegistryClient::Create(config.client));
     ASSIGN_OR_RETURN(cache, cache::Cache::Open(config.cache_dir, client.get(), config.cache));
     resolver = std::make_unique<fs::Resolver>(config.registry, client.get(), cache.get());
     LOG(kInfo) << "registry " << config.registry << ", cache " << config.cache_dir;
-    return fs::Services{resolver.get(), cache.get()};
+    for (const auto& m : config.client.mirror.mirrors) LOG(kInfo) << "mirror " << m;
+    control = std::make_unique<fs::Control>(
+        resolver.get(), cache.get(),
+        fs::ControlOptions{mountpoint_abs, config.registry, config.cache.max_bytes});
+    if (!config.metrics_addr.empty()) {
+      fs::Control* c = control.get();
+      ASSIGN_OR_RETURN(metrics, tools::MetricsServer::Start(config.metrics_addr,
+                                                            [c] { return c->MetricsText(); }));
+    }
+    return fs::Services{resolver.get(), cache.get(), control.get()};
   };
   auto teardown = [&] {
+    metrics.reset();  // both poll the cache: gone before it shuts down
+    control.reset();
     if (cache) cache->Shutdown();
     resolver.reset();
     cache.reset();
@@ -255,9 +330,10 @@ int Main(int argc, char** argv) {
       "mount", "Mount a registry: MOUNTPOINT/<model>[:tag]/model.gguf and friends.");
   std::string mountpoint;
   std::optional<std::string> registry, cache_dir, concurrency, part_size, credentials, ca_file,
-      stall_timeout, log_level, verify;
+      stall_timeout, log_level, verify, cache_max, metrics, proxy;
   bool foreground = false, insecure = false, lazy = false, allow_other = false, debug = false;
   std::vector<std::string> groups;
+  std::vector<std::string> mirrors;
   mount->add_option("MOUNTPOINT", mountpoint, "An existing empty directory")->required();
   mount->add_option("--registry", registry,
                     "Registry base URL (default $MODELFS_REGISTRY, else https://registry.ollama.ai)");
@@ -268,27 +344,41 @@ int Main(int argc, char** argv) {
                     "Range parts in flight per blob (default $MODELFS_CONCURRENCY, else 32)");
   mount->add_option("--part-size", part_size,
                     "Range part size, e.g. 64M (default $MODELFS_PART_SIZE, else 64M)");
+  mount->add_option("--cache-max", cache_max,
+                    "Evict least-recently-used closed blobs to keep the cache under SIZE");
   mount->add_option("--stall-timeout", stall_timeout,
                     "Re-request a part that receives nothing for this long (default 10s)");
   mount->add_option("--credentials", credentials,
                     "Docker-style config.json with registry credentials (default "
                     "~/.docker/config.json when present)");
   mount->add_option("--ca-file", ca_file, "Extra CA certificates (PEM) to trust for https");
+  mount->add_option("--proxy", proxy,
+                    "HTTP(S) proxy URL for every request (default: $HTTPS_PROXY/$HTTP_PROXY, "
+                    "honouring $NO_PROXY)");
   mount->add_flag("--insecure", insecure, "Do not verify TLS certificates (digests still are)");
   mount->add_flag("--lazy", lazy, "Fetch only what is read, no whole-blob background fetch");
   mount->add_option("--verify", verify,
                     "default: serve bytes as they arrive; strict: only after the digest matched");
+  mount->add_option("--mirror", mirrors,
+                    "Registry mirror (pull-through cache) tried before --registry, in order; "
+                    "repeatable. A mirror that fails or lacks a blob falls through to the next, "
+                    "then to --registry");
   mount->add_flag("--allow-other", allow_other, "Let other users access the mount");
   mount->add_option("--log-level", log_level, "debug, info, warn or error (default info)");
+  mount->add_option("--metrics", metrics,
+                    "Serve Prometheus metrics on HOST:PORT (GET /metrics), e.g. 127.0.0.1:9090");
   mount->add_flag("-f,--foreground", foreground, "Stay in the foreground, log to stderr");
   mount->add_flag("-d,--debug", debug, "Log every FUSE request (implies nothing else)");
   mount->add_option("-o", groups,
                     "Mount options, comma-separated: every flag above as name=value or name "
                     "(cache=DIR, part_size=64M, concurrency=N, stall_timeout=10s, registry=URL, "
-                    "credentials=FILE, ca_file=FILE, insecure, lazy, verify=strict, "
+                    "credentials=FILE, ca_file=FILE, proxy=URL, request_timeout=30s, insecure, "
+                    "lazy, verify=strict, "
                     "log_level=LEVEL, allow_other, default_permissions, uid=N, gid=N, "
-                    "umask=022, max_threads=N, foreground)")
+                    "umask=022, max_threads=N, foreground, mirror=URL (repeatable, or URL1|URL2))")
       ->take_all();
+
+  tools::OpsCommands ops(&app);  // status, pull, ls, rm, verify, gc (tools/ops.h)
 
   try {
     app.parse(argc, argv);
@@ -321,9 +411,17 @@ int Main(int argc, char** argv) {
     set("part_size", part_size);
     set("credentials", credentials);
     set("ca_file", ca_file);
+    set("proxy", proxy);
     set("stall_timeout", stall_timeout);
+    set("cache_max", cache_max);
     set("log_level", log_level);
+    set("metrics", metrics);
     set("verify", verify);
+    if (!mirrors.empty()) {
+      std::string joined;
+      for (const auto& m : mirrors) joined += (joined.empty() ? "" : "|") + m;
+      s.values["mirror"] = joined;
+    }
     if (foreground) s.flags.insert("foreground");
     if (insecure) s.flags.insert("insecure");
     if (lazy) s.flags.insert("lazy");
@@ -336,6 +434,17 @@ int Main(int argc, char** argv) {
       return kUsageError;
     }
     return RunMount(*config);
+  }
+  if (ops.parsed()) {
+    return ops.Run([](const std::map<std::string, std::string>& values,
+                      bool insecure) -> StatusOr<tools::OpsConfig> {
+      Settings s;
+      if (auto v = Env("MODELFS_REGISTRY"); !v.empty()) s.values["registry"] = v;
+      for (const auto& [k, v] : values) s.values[k] = v;
+      if (insecure) s.flags.insert("insecure");
+      ASSIGN_OR_RETURN(MountConfig m, BuildConfig(s, ""));
+      return tools::OpsConfig{m.registry, m.cache_dir, m.client, m.cache, m.log_level};
+    });
   }
   return kUsageError;
 }

@@ -123,3 +123,21 @@ def mount(registry, cache_dir):
     yield make
     for m in mounts:
         m.unmount()
+    for m in mounts:
+        assert_no_sanitizer_report(m)
+
+
+# What ASan/UBSan/TSan print when a daemon built with -DMODELFS_SANITIZE=... (MODELFS_BUILD)
+# finds a bug; halt_on_error makes the daemon exit, but a report at exit must fail the test too.
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                     "WARNING: ThreadSanitizer")
+
+
+def assert_no_sanitizer_report(m):
+    text = m.log_text() if not m.log.closed else open(m.log_path, "rb").read().decode(
+        errors="replace")
+    for marker in SANITIZER_MARKERS:
+        if marker in text:
+            i = text.index(marker)
+            pytest.fail("sanitizer report from the daemon (%s):\n%s" % (m.log_path,
+                                                                      text[max(0, i - 200):i + 4000]))

@@ -13,6 +13,8 @@ Registry(proxy_remote_url=URL) runs a pull-through cache of URL instead of a pla
 Registry(htpasswd={"user": "pw"}) turns on basic auth (needs bcrypt from libxcrypt via crypt).
 Registry(token_auth=TokenServer(users=...)) turns on Bearer token auth (needs the openssl CLI).
 Registry(cdn=True) makes blob GET/HEAD answer 307 to a local CdnServer (Range, fault injection).
+Registry(tls=(cert, key, ca)) serves https with that certificate (see make_tls_cert); url is then
+https://127.0.0.1:PORT. TokenServer(tls=...) likewise serves its realm over https.
 Nothing here uses a fixed port or leaves a process behind: Registry.stop() (or leaving the
 `with` block) terminates the child; Registry() uses and removes a temp dir, Registry(DIR) puts
 config, registry.log and storage/ in DIR and keeps them. reg.blob_data_path(digest) is the
@@ -89,13 +91,14 @@ class Registry:
 
     def __init__(self, dir=None, proxy_remote_url=None, proxy_username=None,
                  proxy_password=None, htpasswd=None, token_auth=None, cdn=False,
-                 start_timeout=20.0, keep_dir=None, extra_config=""):
+                 start_timeout=20.0, keep_dir=None, extra_config="", tls=None):
         """dir: where config, log and storage go (created if missing; kept after stop()).
         Without dir a temp dir is used and removed by stop() unless keep_dir=True."""
         self.proxy_remote_url = proxy_remote_url
         self.proxy_username, self.proxy_password = proxy_username, proxy_password
         self.htpasswd = htpasswd
         self.token_auth = token_auth
+        self.tls = tls
         self.cdn = None
         self.start_timeout = start_timeout
         self.keep_dir = (dir is not None) if keep_dir is None else keep_dir
@@ -142,6 +145,10 @@ class Registry:
             "  addr: 127.0.0.1:%d" % port,
             "  secret: modelfs-test-secret",
             "  draintimeout: 1s",
+        ]
+        if self.tls:
+            lines += ["  tls:", "    certificate: %s" % self.tls[0], "    key: %s" % self.tls[1]]
+        lines += [
             "health:",
             "  storagedriver:",
             "    enabled: false",
@@ -179,7 +186,8 @@ class Registry:
                 [REGISTRY_BIN, "serve", self.config_path],
                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                 cwd=self.dir, start_new_session=True)
-            self.port, self.url = port, "http://127.0.0.1:%d" % port
+            scheme = "https" if self.tls else "http"
+            self.port, self.url = port, "%s://127.0.0.1:%d" % (scheme, port)
             try:
                 wait_until(self._ready, self.start_timeout, "docker-registry on %s" % self.url)
                 return
@@ -199,8 +207,12 @@ class Registry:
         if rc is not None:
             raise RuntimeError("docker-registry exited with status %s during startup; log "
                                "(%s):\n%s" % (rc, self.log_path, _tail(self.log_path)))
+        ctx = None
+        if self.tls:
+            import ssl
+            ctx = ssl.create_default_context(cafile=self.tls[2])
         try:
-            with urllib.request.urlopen(self.url + "/v2/", timeout=2) as r:
+            with urllib.request.urlopen(self.url + "/v2/", timeout=2, context=ctx) as r:
                 return r.status == 200
         except urllib.error.HTTPError as e:
             return e.code == 401  # up, but auth is on
@@ -514,7 +526,7 @@ class TokenServer:
     SERVICE = "modelfs-test-registry"
     ISSUER = "modelfs-test-token-issuer"
 
-    def __init__(self, users=None):
+    def __init__(self, users=None, tls=None):
         import http.server
         import threading
         self.users = users
@@ -538,7 +550,14 @@ class TokenServer:
                 server._handle(self)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        scheme = "http"
+        if tls:  # (cert, key, ca): serve the realm over https
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls[0], tls[1])
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = "%s://127.0.0.1:%d" % (scheme, self.httpd.server_address[1])
         self.realm = self.url + "/token"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -610,6 +629,33 @@ class TokenServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def make_tls_cert(directory, cn="127.0.0.1"):
+    """A throwaway CA and a server certificate it signs for 127.0.0.1/localhost (openssl CLI).
+
+    Returns (cert_path, key_path, ca_path) in directory, the form Registry(tls=) and
+    TokenServer(tls=) take.
+    """
+    os.makedirs(directory, exist_ok=True)
+    ca_key, ca = os.path.join(directory, "ca.key"), os.path.join(directory, "ca.pem")
+    key, csr = os.path.join(directory, "server.key"), os.path.join(directory, "server.csr")
+    cert, ext = os.path.join(directory, "server.pem"), os.path.join(directory, "san.ext")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        "/CN=modelfs test CA", "-keyout", ca_key, "-out", ca)
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=%s" % cn, "-keyout", key,
+        "-out", csr)
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+        "-extfile", ext, "-out", cert)
+    return cert, key, ca
 
 
 def _write_htpasswd(path, users):

@@ -22,6 +22,7 @@ constexpr size_t kMinInFlightRates = 3;
 constexpr uint64_t kMinRateSampleBytes = 64 << 10;
 constexpr double kMinRateSeconds = 0.2;          // younger attempts have no meaningful rate
 constexpr uint64_t kSplitGranule = 64 << 10;     // split points land on 64 KiB boundaries
+constexpr double kMinSplitGainSeconds = 1.0;     // no tail split for a part finishing sooner
 
 enum class PartAbort {
   kNone,
@@ -305,7 +306,9 @@ bool BlobFetch::SplitTail() {
     if (p->stream || !p->xfer || p->end <= p->next) continue;
     if (!best || finish_in(*p) > finish_in(*best)) best = p.get();
   }
-  if (!best) return false;
+  // A split aborts its part's request at the split point, wasting what is already in flight on
+  // that connection (1-2 MiB on a fast link): only worth it when it saves real time.
+  if (!best || finish_in(*best) < kMinSplitGainSeconds) return false;
   const uint64_t remaining = best->end - best->next;
   double keep_share = 0.5;
   if (double rate = rate_of(*best); rate > 0 && median > 0) keep_share = rate / (rate + median);

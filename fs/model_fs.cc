@@ -47,6 +47,7 @@ struct Node {
   std::shared_ptr<const ResolvedModel> model;  // set for a model directory and its files
   manifest::Descriptor blob;                   // kBlobFile
   uint64_t size = 0;                           // files
+  mutable std::atomic<bool> page_cache_clean{false};  // see Open
 };
 
 // What an open file handle points to (fuse_file_info::fh).
@@ -149,8 +150,10 @@ class ModelFs {
       }
       file->blob = std::move(*blob);
       file->blob->Materialize();
-      // A verified blob's bytes can never change: keep what the kernel cached across opens.
-      fi->keep_cache = file->blob->GetStatus().state == cache::BlobState::kVerified;
+      // The kernel keeps a verified blob's pages across opens, but only once an open after the
+      // verification has dropped whatever it cached before (bytes that a repair replaced).
+      const bool verified = file->blob->GetStatus().state == cache::BlobState::kVerified;
+      fi->keep_cache = verified && n->page_cache_clean.exchange(true);
     } else {
       fi->keep_cache = 1;
     }
@@ -628,6 +631,9 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
   fuse_session* se = fuse_session_new(&args, &kOps, sizeof kOps, &fs);
+  // fuse_session_new may have copied argv into heap storage (fuse_opt_add_arg); LeakSanitizer
+  // reports it at exit unless freed (issue 7).
+  fuse_opt_free_args(&args);
   if (se == nullptr) {
     LOG(kError) << "cannot create the FUSE session";
     return 1;

@@ -417,11 +417,16 @@ void BlobFetch::StartAttempt(Part* p) {
   host_->loop()->Add(std::move(t));  // may complete (cancelled) at once during shutdown
 }
 
-void BlobFetch::RetryLater(Part* p, double delay_s, std::string why) {
+void BlobFetch::CountRetry(const char* cause, const std::string& why) {
   UpdateStats([&](FetchStats& st) {
     st.retries++;
+    st.retries_by_cause[cause]++;
     st.last_error = why;
   });
+}
+
+void BlobFetch::RetryLater(Part* p, double delay_s, std::string why, const char* cause) {
+  CountRetry(cause, why);
   LOG(kDebug) << Describe(p) << ": " << why << "; retrying in " << delay_s << " s";
   std::weak_ptr<BlobFetch> w = weak_from_this();
   uint64_t id = p->id;
@@ -435,7 +440,7 @@ void BlobFetch::RetryLater(Part* p, double delay_s, std::string why) {
   });
 }
 
-void BlobFetch::HandleFailure(Part* p, std::string why, bool progressed) {
+void BlobFetch::HandleFailure(Part* p, std::string why, bool progressed, const char* cause) {
   if (progressed) p->tries = 0;
   p->tries++;
   if (p->url_mirror && p->tries >= opts_.mirror_max_tries) {
@@ -449,7 +454,7 @@ void BlobFetch::HandleFailure(Part* p, std::string why, bool progressed) {
   }
   // Resume at once after a body that broke off; back off when the server gave nothing.
   double delay = p->attempt_bytes > 0 ? 0 : Backoff(p->tries);
-  RetryLater(p, delay, std::move(why));
+  RetryLater(p, delay, std::move(why), cause);
 }
 
 // ---- URL resolution -----------------------------------------------------------------------
@@ -483,10 +488,7 @@ void BlobFetch::OnResolved(StatusOr<ResolvedUrl> r) {
     if (failed_) return;
     if (r.status().code() == Code::kUnavailable && ++resolve_tries_ < opts_.max_tries) {
       std::string why = r.status().message();
-      UpdateStats([&](FetchStats& st) {
-        st.retries++;
-        st.last_error = why;
-      });
+      CountRetry("resolve", why);
       std::weak_ptr<BlobFetch> w = weak_from_this();
       resolve_timer_ = host_->loop()->AddTimer(Backoff(resolve_tries_), [w] {
         auto self = w.lock();
@@ -725,10 +727,10 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
       Fail(t->sink_error);
       return;
     case PartAbort::kBadResponse:
-      HandleFailure(p, t->detail + where, progressed);
+      HandleFailure(p, t->detail + where, progressed, "bad_response");
       return;
     case PartAbort::kOverflow:
-      HandleFailure(p, "server sent more bytes than asked" + where, progressed);
+      HandleFailure(p, "server sent more bytes than asked" + where, progressed, "bad_response");
       return;
     case PartAbort::kReachedEnd:
       if (p->stream) {  // stream_need_ grew behind us: start over from 0
@@ -744,7 +746,7 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
   if (t->abort == PartAbort::kNone && rc == CURLE_OK && !t->validated) {
     if (status >= 200 && status < 300) {
       HandleFailure(p, "HTTP " + std::to_string(status) + " with an empty body" + where,
-                    progressed);
+                    progressed, "bad_response");
       return;
     }
   } else if (t->abort == PartAbort::kNone) {
@@ -754,9 +756,11 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
         StartAttempt(p);
         return;
       }
-      HandleFailure(p, "body ended early at byte " + std::to_string(p->next) + where, progressed);
+      HandleFailure(p, "body ended early at byte " + std::to_string(p->next) + where, progressed,
+                    "short_body");
     } else {
-      HandleFailure(p, CurlStatus(rc, t->error_buffer(), RedactUrl(p->url)).message(), progressed);
+      HandleFailure(p, CurlStatus(rc, t->error_buffer(), RedactUrl(p->url)).message(), progressed,
+                    "connection");
     }
     return;
   }
@@ -774,10 +778,7 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
     }
     if (p->reresolves < opts_.max_reresolves) {
       p->reresolves++;
-      UpdateStats([&](FetchStats& st) {
-        st.retries++;
-        st.last_error = what;
-      });
+      CountRetry("url_refused", what);
       LOG(kInfo) << Describe(p) << ": " << what << "; resolving the blob URL again";
       NeedResolve(p, true);
       return;
@@ -796,11 +797,12 @@ void BlobFetch::OnPartDone(PartTransfer* t, CURLcode rc, bool cancelled) {
                        " tries: " + what));
       return;
     }
-    RetryLater(p, ra >= 0 ? std::min(ra, opts_.max_retry_after_s) : Backoff(p->tries), what);
+    RetryLater(p, ra >= 0 ? std::min(ra, opts_.max_retry_after_s) : Backoff(p->tries), what,
+               "throttled");
     return;
   }
   if (status >= 500 || status == 408) {
-    HandleFailure(p, what, progressed);
+    HandleFailure(p, what, progressed, "http_5xx");
     return;
   }
   if (p->url_mirror) {  // a mirror refusing or lacking the blob: the next source may have it
@@ -831,10 +833,7 @@ void BlobFetch::NextSource(Part* p, const std::string& why, bool unhealthy) {
   }
   p->tries = 0;
   p->fresh = true;
-  UpdateStats([&](FetchStats& st) {
-    st.retries++;
-    st.last_error = why;
-  });
+  CountRetry("mirror", why);
   NeedResolve(p, false);
 }
 
@@ -940,7 +939,7 @@ void BlobFetch::Tick() {
       bool progressed = p->attempt_bytes >= kProgressResetBytes;
       StopTransfer(p);
       p->fresh = true;
-      HandleFailure(p, "stalled: " + why, progressed);
+      HandleFailure(p, "stalled: " + why, progressed, "stall");
       continue;
     }
     double secs = Seconds(now - p->attempt_start);
@@ -958,7 +957,23 @@ void BlobFetch::Tick() {
       }
     }
   }
+  SnapshotParts(now);
   if (!parts_.empty()) EnsureTick();
+}
+
+// Status readers (other threads) see the parts through FetchStats, refreshed every tick.
+void BlobFetch::SnapshotParts(Clock::time_point now) {
+  std::vector<PartStatus> parts;
+  parts.reserve(parts_.size());
+  for (const auto& [id, p] : parts_) {
+    double secs = Seconds(now - p->attempt_start);
+    parts.push_back({p->next, p->end, p->demand,
+                     p->xfer && secs > 0 ? static_cast<double>(p->attempt_bytes) / secs : 0,
+                     p->tries, p->slow_refetches});
+  }
+  std::sort(parts.begin(), parts.end(),
+            [](const PartStatus& a, const PartStatus& b) { return a.next < b.next; });
+  UpdateStats([&](FetchStats& st) { st.parts = std::move(parts); });
 }
 
 }  // namespace modelfs::fetch

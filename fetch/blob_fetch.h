@@ -112,8 +112,11 @@ class BlobFetch : public std::enable_shared_from_this<BlobFetch> {
   void RemovePart(Part* p);
   void StartAttempt(Part* p);
   void StopTransfer(Part* p);
-  void RetryLater(Part* p, double delay_s, std::string why);
-  void HandleFailure(Part* p, std::string why, bool progressed);
+  // cause labels the retry in FetchStats::retries_by_cause ("stall", "http_5xx", …).
+  void RetryLater(Part* p, double delay_s, std::string why, const char* cause);
+  void CountRetry(const char* cause, const std::string& why);
+  void SnapshotParts(Clock::time_point now);
+  void HandleFailure(Part* p, std::string why, bool progressed, const char* cause);
   void NeedResolve(Part* p, bool reresolve);
   void StartResolve();
   void OnResolved(StatusOr<ResolvedUrl> r);

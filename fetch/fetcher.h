@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -72,12 +73,24 @@ struct FetchOptions {
   int mirror_max_tries = 3;  // failed tries of a part at a mirror before the next source
 };
 
+// One range request of a blob in flight, for status output.
+struct PartStatus {
+  uint64_t next = 0;  // first byte not yet written
+  uint64_t end = 0;   // exclusive
+  bool demand = false;
+  double rate = 0;    // bytes/s in the current attempt
+  int tries = 0;
+  int slow_refetches = 0;
+};
+
 // Counters for status output and tests. Monotonic except in_flight.
 struct FetchStats {
   uint64_t bytes_written = 0;    // bytes handed to Sink::Write successfully
   uint64_t bytes_requested = 0;  // sum of Range lengths asked of servers
   int parts_in_flight = 0;
   int retries = 0;
+  std::map<std::string, int> retries_by_cause;  // "connection", "stall", "http_5xx", …
+  std::vector<PartStatus> parts;               // refreshed a few times a second
   int stalls = 0;
   int slow_refetches = 0;
   int splits = 0;

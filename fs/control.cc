@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "base/log.h"
@@ -20,8 +21,21 @@ constexpr char kXattrPrefix[] = "user.modelfs.";
 
 metrics::Counter g_requested("modelfs_fetch_requested_bytes_total",
                              "Bytes asked for in Range requests");
-metrics::Counter g_retries("modelfs_fetch_retries_total",
-                           "Part requests retried after an error (connection, 5xx, stall, auth)");
+// Retries by cause, one labelled series per cause the fetcher reports (fetch/blob_fetch.cc).
+metrics::Counter& Retries(const std::string& cause) {
+  static const auto* counters = [] {
+    auto* m = new std::map<std::string, metrics::Counter*>;
+    for (const char* c : {"connection", "short_body", "bad_response", "http_5xx", "throttled",
+                          "stall", "url_refused", "mirror", "resolve", "other"}) {
+      (*m)[c] = new metrics::Counter("modelfs_fetch_retries_total",
+                                     "Part requests retried, by cause",
+                                     std::string("cause=\"") + c + "\"");
+    }
+    return m;
+  }();
+  auto it = counters->find(cause);
+  return *(it != counters->end() ? it->second : counters->at("other"));
+}
 metrics::Counter g_stalls("modelfs_fetch_stalls_total",
                           "Part requests that received nothing for --stall-timeout");
 metrics::Counter g_slow("modelfs_fetch_slow_refetches_total",
@@ -41,6 +55,19 @@ std::vector<std::string> SplitKey(const std::string& key) {
       out.push_back(key.substr(start, i - start));
       start = i + 1;
     }
+  }
+  return out;
+}
+
+Json PartsJson(const std::vector<fetch::PartStatus>& parts) {
+  Json out = Json::array();
+  for (const auto& p : parts) {
+    out.push_back({{"next", p.next},
+                   {"end", p.end},
+                   {"demand", p.demand},
+                   {"rate_bytes_per_s", static_cast<uint64_t>(p.rate)},
+                   {"tries", p.tries},
+                   {"slow_refetches", p.slow_refetches}});
   }
   return out;
 }
@@ -83,7 +110,11 @@ void Control::SampleLocked() {
     Tracked& t = tracked_[s.digest];
     const fetch::FetchStats& f = s.fetch;
     g_requested.Add(Delta(f.bytes_requested, t.counted.bytes_requested));
-    g_retries.Add(Delta(f.retries, t.counted.retries));
+    for (const auto& [cause, n] : f.retries_by_cause) {
+      auto before = t.counted.retries_by_cause.find(cause);
+      Retries(cause).Add(
+          Delta(n, before == t.counted.retries_by_cause.end() ? 0 : before->second));
+    }
     g_stalls.Add(Delta(f.stalls, t.counted.stalls));
     g_slow.Add(Delta(f.slow_refetches, t.counted.slow_refetches));
     t.counted = f;
@@ -114,6 +145,7 @@ void Control::SampleLocked() {
           t.status.bytes_present = t.status.hash_frontier = t.status.size;
         }
         t.status.fetch.parts_in_flight = 0;
+        t.status.fetch.parts.clear();
       }
       if (now - t.gone > options_.keep_done) {
         it = tracked_.erase(it);
@@ -161,6 +193,8 @@ std::string Control::StatusJson() {
           {"bytes_fetched", s.fetch.bytes_written},
           {"slow_refetches", s.fetch.slow_refetches},
           {"retries", s.fetch.retries},
+          {"retries_by_cause", s.fetch.retries_by_cause},
+          {"parts", PartsJson(s.fetch.parts)},
           {"stalls", s.fetch.stalls},
           {"splits", s.fetch.splits},
           {"last_error", !s.last_error.empty() ? s.last_error : s.fetch.last_error},

@@ -631,11 +631,9 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
   fuse_session* se = fuse_session_new(&args, &kOps, sizeof kOps, &fs);
-  // fuse_session_new may have copied argv into heap storage (fuse_opt_add_arg); LeakSanitizer
-  // reports it at exit unless freed (issue 7).
-  fuse_opt_free_args(&args);
   if (se == nullptr) {
     LOG(kError) << "cannot create the FUSE session";
+    fuse_opt_free_args(&args);
     return 1;
   }
   int rc = 1;
@@ -671,6 +669,9 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
     fuse_session_unmount(se);
   }
   fuse_session_destroy(se);
+  // fuse_session_new copied argv into heap storage (fuse_opt_add_arg); free it as libfuse's
+  // examples do, or LeakSanitizer reports it at exit (issue 7).
+  fuse_opt_free_args(&args);
   return rc;
 }
 

@@ -106,10 +106,12 @@ def test_status_metrics_and_xattrs_during_a_capped_download(small_model, capped,
         first = harness.wait_until(lambda: (blob_status(m, digest) or {}).get("bytes_present"),
                                    20, "first bytes in status")
         b = harness.wait_until(
-            lambda: (lambda s: s if s and s["bytes_present"] > first and s["parts_in_flight"] > 0
+            lambda: (lambda s: s if s and s["bytes_present"] > first and s["parts"]
                      else None)(blob_status(m, digest)), 20, "bytes rising with parts in flight")
         assert b["state"] == "fetching" and b["size"] == os.path.getsize(small_model["files"]["model"])
         assert b["hash_frontier"] <= b["bytes_present"] <= b["size"]
+        for part in b["parts"]:
+            assert 0 <= part["next"] <= part["end"] <= b["size"]
         assert "tiny:1b" in b["models"]
         harness.wait_until(lambda: blob_status(m, digest)["rate_bytes_per_s"] > 0, 10, "a rate")
         x = getfattr(path)

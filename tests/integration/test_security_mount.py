@@ -245,7 +245,7 @@ def test_symlinked_cache_subdir_is_refused(small_model, registry, tmp_path):
     b"\x00\xff" * 1000,
     b"modelfs-partial-state 1\ndigest sha256:../../etc/passwd\nsize -1\n",
     b"modelfs-partial-state 1\n" + b"range 0 18446744073709551615\n" * 100 + b"checksum x\n",
-])
+], ids=["binary", "traversal-digest", "huge-ranges"])
 def test_garbage_state_file_is_not_trusted(small_model, mount, cache_dir, garbage):
     os.makedirs(os.path.join(cache_dir, "partial"), exist_ok=True)
     name = "sha256-" + _model_digest(small_model)

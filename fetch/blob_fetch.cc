@@ -23,6 +23,7 @@ constexpr uint64_t kMinRateSampleBytes = 64 << 10;
 constexpr double kMinRateSeconds = 0.2;          // younger attempts have no meaningful rate
 constexpr uint64_t kSplitGranule = 64 << 10;     // split points land on 64 KiB boundaries
 constexpr double kMinSplitGainSeconds = 1.0;     // no tail split for a part finishing sooner
+constexpr double kCrawlFraction = 0.25;          // below this share of the median, a part crawls
 
 enum class PartAbort {
   kNone,
@@ -289,13 +290,26 @@ void BlobFetch::Schedule() {
 // only what it can deliver meanwhile (without this, a 200 KB/s connection holding its last MiB
 // sets the blob's finish time).
 bool BlobFetch::SplitTail() {
-  if (static_cast<int>(parts_.size()) >= opts_.concurrency) return false;
+  const int in_flight = static_cast<int>(parts_.size());
+  if (in_flight >= opts_.concurrency + opts_.demand_slots) return false;
   const auto now = Clock::now();
-  const double median = MedianRate();
   auto rate_of = [&](const Part& p) {
     double secs = Seconds(now - p.attempt_start);
     return secs >= kMinRateSeconds ? static_cast<double>(p.attempt_bytes) / secs : 0.0;
   };
+  // The slow-part rule waits out its grace period before it trusts in-flight rates; a split
+  // only needs a rough figure, so young parts' rates count here.
+  double median = MedianRate();
+  if (median <= 0) {
+    std::vector<double> rates;
+    for (const auto& [id, p] : parts_) {
+      if (double r = rate_of(*p); r > 0 && !p->stream) rates.push_back(r);
+    }
+    if (rates.size() >= 2) {
+      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+      median = rates[rates.size() / 2];
+    }
+  }
   auto finish_in = [&](const Part& p) {
     double rate = rate_of(p);
     double remaining = static_cast<double>(p.end - p.next);
@@ -309,15 +323,25 @@ bool BlobFetch::SplitTail() {
   // A split aborts its part's request at the split point, wasting what is already in flight on
   // that connection (1-2 MiB on a fast link): only worth it when it saves real time.
   if (!best || finish_in(*best) < kMinSplitGainSeconds) return false;
+  const double best_rate = rate_of(*best);
+  // With every slot busy, only a crawling part is worth a reserved slot: it would otherwise hold
+  // its bytes until a slot frees, long after its siblings are done.
+  const bool crawling = best_rate > 0 && median > 0 && best_rate < kCrawlFraction * median;
+  if (in_flight >= opts_.concurrency && !crawling) return false;
   const uint64_t remaining = best->end - best->next;
   double keep_share = 0.5;
-  if (double rate = rate_of(*best); rate > 0 && median > 0) keep_share = rate / (rate + median);
+  if (best_rate > 0 && median > 0) keep_share = best_rate / (best_rate + median);
+  // Rounded up to a granule (or to the mirror alignment): rounding down could land at or
+  // before the part's next byte, and a crawling part keeps only a few KiB.
+  const uint64_t granule = opts_.align_bytes > 0 ? opts_.align_bytes : kSplitGranule;
   uint64_t split = best->next + static_cast<uint64_t>(static_cast<double>(remaining) * keep_share);
-  split = opts_.align_bytes > 0 ? AlignDown(split)
-                                : split / kSplitGranule * kSplitGranule;
+  split = (split / granule + 1) * granule;
   const uint64_t min_tail = std::max<uint64_t>(1, opts_.min_split_bytes / 4);
   if (split <= best->next || split >= best->end || best->end - split < min_tail) return false;
-  if (!host_->TryAcquireSlot(false)) return false;
+  if (!host_->TryAcquireSlot(/*demand=*/in_flight >= opts_.concurrency)) return false;
+  LOG(kDebug) << Describe(best) << ": tail split at " << split << " (rate "
+              << static_cast<uint64_t>(best_rate) << " B/s, median "
+              << static_cast<uint64_t>(median) << " B/s)";
   Part* q = NewPart(split, best->end, best->demand, false);
   best->end = split;
   UpdateStats([](FetchStats& st) { st.splits++; });
@@ -958,6 +982,9 @@ void BlobFetch::Tick() {
     }
   }
   SnapshotParts(now);
+  // A part that turned out to crawl after the last completion would otherwise wait for the
+  // next event before an idle slot splits it.
+  Schedule();
   if (!parts_.empty()) EnsureTick();
 }
 

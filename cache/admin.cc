@@ -28,23 +28,6 @@ StatusOr<UniqueFd> OpenSub(const std::string& dir, const char* sub) {
   return OpenDirAt(root.get(), sub, /*create=*/false);
 }
 
-std::vector<std::string> Names(int dir_fd) {
-  std::vector<std::string> out;
-  int fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return out;
-  DIR* d = ::fdopendir(fd);
-  if (d == nullptr) {
-    ::close(fd);
-    return out;
-  }
-  while (struct dirent* e = ::readdir(d)) {
-    std::string name = e->d_name;
-    if (name != "." && name != "..") out.push_back(std::move(name));
-  }
-  ::closedir(d);
-  std::sort(out.begin(), out.end());
-  return out;
-}
 
 // "sha256-<hex>" (exactly) → digest.
 bool ParseBlobName(const std::string& name, Digest* out) {
@@ -181,11 +164,11 @@ StatusOr<std::vector<BlobEntry>> ListCacheBlobs(const std::string& dir) {
   ASSIGN_OR_RETURN(UniqueFd partial, OpenSub(dir, "partial"));
   std::vector<BlobEntry> out;
   Digest d;
-  for (const std::string& name : Names(blobs.get())) {
+  for (const std::string& name : ListDirAt(blobs.get())) {
     if (!ParseBlobName(name, &d)) continue;
     if (auto e = StatComplete(blobs.get(), d); e.ok()) out.push_back(*e);
   }
-  for (const std::string& name : Names(partial.get())) {
+  for (const std::string& name : ListDirAt(partial.get())) {
     if (!ParseBlobName(name, &d)) continue;  // skips .state and .tmp
     if (auto e = StatPartial(partial.get(), d); e.ok()) out.push_back(*e);
   }
@@ -212,7 +195,7 @@ StatusOr<std::vector<ManifestEntry>> ListCacheManifests(const std::string& dir) 
   for (int depth = 0; depth < 3; ++depth) {
     std::vector<std::pair<UniqueFd, std::string>> next;
     for (auto& [fd, prefix] : level) {
-      for (const std::string& name : Names(fd.get())) {
+      for (const std::string& name : ListDirAt(fd.get())) {
         auto sub = OpenDirAt(fd.get(), name, /*create=*/false);
         if (sub.ok()) next.emplace_back(std::move(*sub), prefix + name + "/");
       }
@@ -220,7 +203,7 @@ StatusOr<std::vector<ManifestEntry>> ListCacheManifests(const std::string& dir) 
     level = std::move(next);
   }
   for (auto& [fd, prefix] : level) {
-    for (const std::string& name : Names(fd.get())) {
+    for (const std::string& name : ListDirAt(fd.get())) {
       struct stat st;
       if (::fstatat(fd.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 ||
           !S_ISREG(st.st_mode)) {
@@ -320,7 +303,7 @@ uint64_t CacheDiskBytes(const std::string& dir) {
   for (const char* sub : {"blobs", "partial"}) {
     auto fd = OpenSub(dir, sub);
     if (!fd.ok()) continue;
-    for (const std::string& name : Names(fd->get())) {
+    for (const std::string& name : ListDirAt(fd->get())) {
       struct stat st;
       if (::fstatat(fd->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
           S_ISREG(st.st_mode)) {
@@ -336,7 +319,7 @@ uint64_t RemoveStaleCacheTemps(const std::string& dir, double max_age_s) {
   if (!partial.ok()) return 0;
   const time_t cutoff = ::time(nullptr) - static_cast<time_t>(max_age_s);
   uint64_t freed = 0;
-  for (const std::string& name : Names(partial->get())) {
+  for (const std::string& name : ListDirAt(partial->get())) {
     if (name.size() < 4 || name.substr(name.size() - 4) != ".tmp") continue;
     struct stat st;
     if (::fstatat(partial->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&

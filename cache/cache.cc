@@ -75,23 +75,15 @@ void RemoveStaleTemps(int partial_fd) {
   for (const std::string& name : stale) ::unlinkat(partial_fd, name.c_str(), 0);
 }
 
-// Regular files in dir_fd: (name, stat). A fresh open file description (see List()).
+// Regular files in dir_fd: (name, stat).
 std::vector<std::pair<std::string, struct stat>> FilesIn(int dir_fd) {
   std::vector<std::pair<std::string, struct stat>> out;
-  int fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return out;
-  DIR* d = ::fdopendir(fd);
-  if (d == nullptr) {
-    ::close(fd);
-    return out;
-  }
-  while (struct dirent* e = ::readdir(d)) {
+  for (std::string& name : ListDirAt(dir_fd)) {
     struct stat st;
-    if (::fstatat(dir_fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) {
-      out.emplace_back(e->d_name, st);
+    if (::fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) {
+      out.emplace_back(std::move(name), st);
     }
   }
-  ::closedir(d);
   return out;
 }
 
@@ -211,20 +203,8 @@ StatusOr<std::string> CacheImpl::GetManifest(const std::string& key) {
 
 void CacheImpl::List(int dir_fd, int depth, const std::string& prefix,
                      std::vector<std::string>* out) {
-  // A fresh open file description: a dup would share (and race on) the directory offset.
-  int fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  DIR* d = ::fdopendir(fd);
-  if (d == nullptr) {
-    ::close(fd);
-    return;
-  }
-  std::vector<std::string> names;
-  while (struct dirent* e = ::readdir(d)) {
-    std::string_view name = e->d_name;
-    if (ValidComponent(name)) names.emplace_back(name);
-  }
-  ::closedir(d);
+  std::vector<std::string> names = ListDirAt(dir_fd);
+  std::erase_if(names, [](const std::string& n) { return !ValidComponent(n); });
   for (const std::string& name : names) {
     const std::string key = prefix.empty() ? name : prefix + "/" + name;
     if (depth == 3) {

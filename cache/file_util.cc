@@ -1,5 +1,9 @@
 #include "cache/file_util.h"
 
+#include <algorithm>
+
+#include <dirent.h>
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -98,6 +102,24 @@ StatusOr<std::string> ReadFileAt(int dir_fd, const std::string& name, size_t max
     got += static_cast<size_t>(n);
   }
   out.resize(got);
+  return out;
+}
+
+std::vector<std::string> ListDirAt(int dir_fd) {
+  std::vector<std::string> out;
+  int fd = ::openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return out;
+  DIR* d = ::fdopendir(fd);
+  if (d == nullptr) {
+    ::close(fd);
+    return out;
+  }
+  while (struct dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name != "." && name != "..") out.push_back(std::move(name));
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
   return out;
 }
 

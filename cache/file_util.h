@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 #include <string_view>
 
 #include "base/status.h"
@@ -22,6 +23,9 @@ Status PreadFull(int fd, void* data, size_t len, uint64_t offset);
 // Opens (creating with mode 0755 when create) the directory name inside dir_fd, or the path
 // itself when dir_fd is AT_FDCWD. A symlink or a non-directory is kFailedPrecondition.
 StatusOr<UniqueFd> OpenDirAt(int dir_fd, const std::string& name, bool create);
+// The names in dir_fd (not "." or ".."), sorted; empty when it cannot be read. Reads through a
+// fresh open file description: a dup would share (and race on) the directory offset.
+std::vector<std::string> ListDirAt(int dir_fd);
 
 // Writes bytes to tmp_name (in tmp_dir_fd), fsyncs it and renames it over name (in dir_fd, same
 // filesystem). Readers see the old or the new contents, never a mix. tmp_name must be unique to

@@ -152,12 +152,29 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
                                          const std::string& repository,
                                          const std::string& reference) override {
     std::string registry = TrimRegistry(registry_in);
-    for (const auto& src : mirrors_->Sources(registry)) {
+    return FromSources<ManifestResponse>(
+        registry, nullptr,
+        [&](const std::string& url) { return GetManifestAt(url, repository, reference); },
+        [&](const ManifestResponse& r, const std::string& mirror) {
+          if (reference.rfind("sha256:", 0) == 0 && Sha256::Of(r.body).ToString() != reference) {
+            return DataLoss("manifest " + reference + " from mirror " + mirror +
+                            " has another digest");
+          }
+          return Status::Ok();
+        });
+  }
+
+  // Tries each healthy mirror of registry in order, then registry itself. `at(url)` fetches
+  // from one source; `check(answer, mirror)` rejects a mirror's answer (a mirror is never
+  // trusted more than the origin). A mirror that cannot be reached is reported unhealthy; one
+  // that lacks the thing just falls through.
+  template <typename T, typename At, typename Check>
+  StatusOr<T> FromSources(const std::string& registry, const Digest* digest, At at, Check check) {
+    for (const auto& src : mirrors_->Sources(registry, 0, digest)) {
       if (!src.mirror) break;
-      auto r = GetManifestAt(src.url, repository, reference);
-      if (r.ok() && reference.rfind("sha256:", 0) == 0 &&
-          Sha256::Of(r->body).ToString() != reference) {
-        r = DataLoss("manifest " + reference + " from mirror " + src.url + " has another digest");
+      StatusOr<T> r = at(src.url);
+      if (r.ok()) {
+        if (Status bad = check(*r, src.url); !bad.ok()) r = bad;
       }
       if (r.ok()) {
         mirrors_->ReportSuccess(src.url);
@@ -167,11 +184,11 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
       if (r.status().code() == Code::kUnavailable) {
         mirrors_->ReportFailure(src.url, r.status().message());
       } else {
-        LOG(kDebug) << "mirror " << RedactUrl(src.url) << ": " << r.status().message()
-                    << "; trying the next source";
+        LOG(kInfo) << "mirror " << RedactUrl(src.url) << ": " << r.status().message()
+                   << "; trying the next source";
       }
     }
-    return GetManifestAt(registry, repository, reference);
+    return at(registry);
   }
 
   StatusOr<ManifestResponse> GetManifestAt(const std::string& registry,
@@ -202,30 +219,19 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
   }
 
   StatusOr<std::string> GetBlob(const BlobLocation& where, uint64_t max_bytes) override {
-    std::string registry = TrimRegistry(where.registry);
-    for (const auto& src : mirrors_->Sources(registry, 0, &where.digest)) {
-      if (!src.mirror) break;
-      BlobLocation at = where;
-      at.registry = src.url;
-      auto r = GetBlobAt(at, max_bytes);
-      if (r.ok() && Sha256::Of(*r) != where.digest) {  // never trust a mirror more than the origin
-        r = DataLoss("blob " + where.digest.Short() + " from mirror " + src.url +
-                     " has another digest");
-        mirrors_->MarkSuspect(where.digest);
-      }
-      if (r.ok()) {
-        mirrors_->ReportSuccess(src.url);
-        return r;
-      }
-      if (r.status().code() == Code::kCancelled) return r.status();
-      if (r.status().code() == Code::kUnavailable) {
-        mirrors_->ReportFailure(src.url, r.status().message());
-      } else {
-        LOG(kInfo) << "mirror " << RedactUrl(src.url) << ": " << r.status().message()
-                   << "; trying the next source";
-      }
-    }
-    return GetBlobAt(where, max_bytes);
+    return FromSources<std::string>(
+        TrimRegistry(where.registry), &where.digest,
+        [&](const std::string& url) {
+          BlobLocation at = where;
+          at.registry = url;
+          return GetBlobAt(at, max_bytes);
+        },
+        [&](const std::string& body, const std::string& mirror) {
+          if (Sha256::Of(body) == where.digest) return Status::Ok();
+          mirrors_->MarkSuspect(where.digest);
+          return DataLoss("blob " + where.digest.Short() + " from mirror " + mirror +
+                          " has another digest");
+        });
   }
 
   StatusOr<std::string> GetBlobAt(const BlobLocation& where, uint64_t max_bytes) {

@@ -126,11 +126,32 @@ def creds_file(path, registry_url, user, password, form="auth"):
 
 
 def assert_no_secrets(m, *secrets):
-    log = m.log_text()
-    for s in secrets:
-        assert s not in log, "secret leaked into the daemon log"
+    """Neither the password (plain or base64) nor any given token is in the daemon log, the
+    control files (.modelfs/status, .modelfs/metrics), `modelfs status --json`, or the
+    user.modelfs.* xattrs of the model's files."""
+    from conftest import MODELFS
+    places = {"log": m.log_text()}
+    for name in ("status", "metrics"):
+        try:
+            with open(m.path(".modelfs", name), errors="replace") as f:
+                places[".modelfs/" + name] = f.read()
+        except OSError:
+            pass
+    r = subprocess.run([MODELFS, "status", "--json", m.dir], capture_output=True, text=True,
+                       timeout=30)
+    places["modelfs status"] = r.stdout + r.stderr
+    model_dir = m.path("secret:1")
+    try:
+        for f in os.listdir(model_dir):
+            p = os.path.join(model_dir, f)
+            for attr in os.listxattr(p):
+                places["xattr %s %s" % (f, attr)] = os.getxattr(p, attr).decode(errors="replace")
+    except OSError:
+        pass
     b64 = base64.b64encode(("%s:%s" % (USER, PASSWORD)).encode()).decode()
-    assert b64 not in log and PASSWORD not in log
+    for where, text in places.items():
+        for s in (PASSWORD, b64) + tuple(secrets):
+            assert s not in text, "a secret leaked into %s" % where
 
 
 def assert_refused_quickly(path, allowed=(errno.ENOENT, errno.EACCES, errno.EIO, errno.EPERM),
@@ -175,6 +196,7 @@ def test_basic_auth_wrong_password_is_a_clear_prompt_error(basic_tls, tls, mount
     host = basic_tls.url.split("://", 1)[1]
     assert "authentication failed for %s" % host in m.log_text()
     assert wrong not in m.log_text()
+    assert_no_secrets(m, wrong, base64.b64encode(("%s:%s" % (USER, wrong)).encode()).decode())
     assert m.proc.poll() is None
 
 

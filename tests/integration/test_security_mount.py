@@ -97,6 +97,12 @@ def test_nothing_in_the_mount_is_writable(small_model, mount):
         "chown": lambda: os.chown(f, 1, 1),
         "utime": lambda: os.utime(f, (0, 0)),
         "mknod": lambda: os.mknod(m.path("tiny:1b", "fifo"), stat.S_IFIFO | 0o600),
+        # The control and Ollama-layout trees are read-only too.
+        "write .modelfs/status": lambda: os.open(m.path(".modelfs", "status"), os.O_WRONLY),
+        "create in .modelfs": lambda: os.open(m.path(".modelfs", "cmd"),
+                                              os.O_CREAT | os.O_WRONLY),
+        "mkdir in .ollama": lambda: os.mkdir(m.path(".ollama", "blobs", "x")),
+        "setxattr user.modelfs": lambda: os.setxattr(f, "user.modelfs.state", b"verified"),
     }
     for what, op in attempts.items():
         with pytest.raises(OSError) as e:

@@ -24,6 +24,7 @@ constexpr double kMinRateSeconds = 0.2;          // younger attempts have no mea
 constexpr uint64_t kSplitGranule = 64 << 10;     // split points land on 64 KiB boundaries
 constexpr double kMinSplitGainSeconds = 1.0;     // no tail split for a part finishing sooner
 constexpr double kCrawlFraction = 0.25;          // below this share of the median, a part crawls
+constexpr int kMaxBadResponseTries = 3;
 
 enum class PartAbort {
   kNone,
@@ -471,7 +472,12 @@ void BlobFetch::HandleFailure(Part* p, std::string why, bool progressed, const c
     NextSource(p, why, /*unhealthy=*/true);
     return;
   }
-  if (p->tries >= opts_.max_tries) {
+  // A server that answers with the wrong range or too many bytes is broken, not flaky: a few
+  // tries tell a glitch from a habit without making the reader wait out the full backoff.
+  const int max_tries =
+      std::string_view(cause) == "bad_response" ? std::min(opts_.max_tries, kMaxBadResponseTries)
+                                                : opts_.max_tries;
+  if (p->tries >= max_tries) {
     Fail(Unavailable("giving up on " + Describe(p) + " after " + std::to_string(p->tries) +
                      " tries: " + why));
     return;

@@ -645,7 +645,8 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
             }
             if (SameOrigin(r.redirect_url, where.registry)) {
               if (hops + 1 >= kMaxSameHostRedirects) {
-                done(Unavailable("too many redirects resolving " + what + " at " + h));
+                done(FailedPrecondition("too many redirects (a loop?) resolving " + what +
+                                        " at " + h));
                 return;
               }
               ResolveHop(where, r.redirect_url, hops + 1, std::move(done));

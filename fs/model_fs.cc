@@ -254,7 +254,10 @@ class ModelFs {
     if (off < 0) return (void)fuse_reply_err(req, EINVAL);
     const std::string& c = file.content;
     size_t begin = std::min(c.size(), static_cast<size_t>(off));
-    fuse_reply_buf(req, c.data() + begin, std::min(size, c.size() - begin));
+    // A copy: once the reply is in the kernel, the reader may close and Release() may free
+    // `file` while fuse_reply_buf (or a sanitizer checking its buffer) still runs here.
+    const std::string slice = c.substr(begin, std::min(size, c.size() - begin));
+    fuse_reply_buf(req, slice.data(), slice.size());
   }
 
   bool IsControlChild(const Node& parent, const std::string& name) const {

@@ -54,6 +54,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def terminate(process, timeout=5):
+    """SIGTERM a child, SIGKILL it if it has not exited within timeout s; no-op when gone."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def parse_range(header, size):
+    """A single `Range: bytes=a-b` (or `a-`, `-n`) against a file of size bytes.
+
+    Returns (start, end_inclusive, status): status 206 for a satisfiable range, 200 (whole file)
+    when there is no usable header, 416 when the range starts past the end."""
+    start, end, status = 0, size - 1, 200
+    if header:
+        m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+            else:
+                start, end = max(0, size - int(m.group(2))), size - 1
+            status = 416 if start >= size or start > end else 206
+    return start, end, status
+
+
 def wait_until(predicate, timeout, what, interval=0.05):
     """Polls predicate() until it returns a truthy value, which is returned.
 
@@ -220,13 +249,7 @@ class Registry:
             return False
 
     def _kill(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -350,13 +373,7 @@ http {{
         return out
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.process = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -451,19 +468,9 @@ class CdnServer:
         if not full.startswith(self.root + os.sep) or not os.path.isfile(full):
             return self._reply(req, 404, {}, b"not found\n", body)
         size = os.path.getsize(full)
-        start, end, status = 0, size - 1, 200
-        if rng:
-            m = re.match(r"^bytes=(\d*)-(\d*)$", rng.strip())
-            if m and (m.group(1) or m.group(2)):
-                if m.group(1):
-                    start = int(m.group(1))
-                    end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-                else:
-                    start, end = max(0, size - int(m.group(2))), size - 1
-                if start >= size or start > end:
-                    return self._reply(req, 416, {"Content-Range": "bytes */%d" % size}, b"",
-                                       body)
-                status = 206
+        start, end, status = parse_range(rng, size)
+        if status == 416:
+            return self._reply(req, 416, {"Content-Range": "bytes */%d" % size}, b"", body)
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if status == 206:
             headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, size)

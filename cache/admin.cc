@@ -234,12 +234,17 @@ StatusOr<uint64_t> RemoveCacheBlob(const std::string& dir, const Digest& digest)
   if (::fstatat(partial.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     found = true;
     ASSIGN_OR_RETURN(uint64_t n,
-                     RemoveLocked(partial.get(), name, {name + ".state"}, "partial/" + name));
+                     RemoveLocked(partial.get(), name, {name + ".state", name + ".chunks"},
+                                  "partial/" + name));
     freed += n;
-  } else if (::fstatat(partial.get(), (name + ".state").c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-             ::unlinkat(partial.get(), (name + ".state").c_str(), 0) == 0) {
-    found = true;  // a state file without data: an orphan
-    freed += DiskBytes(st);
+  } else {
+    for (const std::string& orphan : {name + ".state", name + ".chunks"}) {  // without data
+      if (::fstatat(partial.get(), orphan.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+          ::unlinkat(partial.get(), orphan.c_str(), 0) == 0) {
+        found = true;
+        freed += DiskBytes(st);
+      }
+    }
   }
   if (!found) return NotFound("blob " + digest.Short() + " is not in the cache");
   return freed;

@@ -29,6 +29,9 @@ constexpr auto kPersistInterval = std::chrono::seconds(1);
 constexpr std::string_view kDiskFull = "paused: cache disk full";
 constexpr uint64_t kRoomAgainBytes = 8ull << 20;
 constexpr size_t kMaxStateFile = 64 << 20;
+constexpr size_t kMaxChunksFile = 128 << 20;  // kMaxChunks lines of up to ~110 bytes
+// A chunk is re-fetched at most this often after a mismatch before its digests are distrusted.
+constexpr uint8_t kMaxChunkRefetches = 3;
 constexpr auto kRememberFailure = std::chrono::seconds(60);  // a known-bad blob fails at once
 
 // The data regions of fd inside [begin, end), by SEEK_DATA/SEEK_HOLE. A filesystem without hole
@@ -69,6 +72,20 @@ Status CompareAndWrite(int fd, const void* data, size_t len, uint64_t offset,
   *changed_from = offset + first;
   *changed += last - first;
   return PwriteFull(fd, p + first, last - first, offset + first);
+}
+
+bool Overlaps(const RangeSet& set, uint64_t begin, uint64_t end) {
+  uint64_t missing = 0;
+  for (const ByteRange& r : set.Missing(begin, end)) missing += r.size();
+  return missing < end - begin;
+}
+
+// The index of the chunk holding offset (chunks sorted, contiguous from 0).
+template <typename Info>
+size_t ChunkAt(const std::vector<Info>& chunks, uint64_t offset) {
+  auto it = std::upper_bound(chunks.begin(), chunks.end(), offset,
+                             [](uint64_t off, const Info& c) { return off < c.chunk.begin; });
+  return it == chunks.begin() ? 0 : static_cast<size_t>(it - chunks.begin()) - 1;
 }
 
 }  // namespace
@@ -163,7 +180,8 @@ BlobImpl::BlobImpl(std::shared_ptr<Core> core, const fetch::BlobLocation& where)
     : core_(std::move(core)),
       where_(where),
       name_(where.digest.FileName()),
-      state_name_(where.digest.FileName() + ".state") {
+      state_name_(where.digest.FileName() + ".state"),
+      chunks_name_(where.digest.FileName() + ".chunks") {
   piece_size_ = core_->options.piece_size;
   buf_.resize(kHashChunk);
   last_persist_ = Clock::now();
@@ -218,6 +236,7 @@ Status BlobImpl::AcquireLocked() {
       if (S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) == where_.size) {
         // A crash between commit and state removal leaves an orphan; harmless, tidy it.
         ::unlinkat(partial, state_name_.c_str(), 0);
+        ::unlinkat(partial, chunks_name_.c_str(), 0);
         // In use: --cache-max never evicts a blob someone holds a lock on. Fails (harmlessly)
         // while the process that committed it still holds its exclusive lock.
         ::flock(done.get(), LOCK_SH | LOCK_NB);
@@ -311,7 +330,7 @@ Status BlobImpl::AcquireLocked() {
 
 void BlobImpl::LoadStateLocked() {
   const std::string what = "state file for " + where_.digest.Short();
-  RangeSet present;
+  RangeSet present, verified;
   uint64_t frontier = 0;
   Sha256 sha;
   std::map<uint64_t, Sha256> checkpoints;
@@ -334,6 +353,10 @@ void BlobImpl::LoadStateLocked() {
       RangeSet data = DataIn(fd, r.begin, r.end);
       for (const ByteRange& d : data.Ranges()) present.Add(d);
     }
+    verified = st->verified;  // only what is still present (holes were dropped above)
+    for (const ByteRange& r : st->verified.Ranges()) {
+      for (const ByteRange& hole : present.Missing(r.begin, r.end)) verified.Remove(hole.begin, hole.end);
+    }
     if (present.TotalBytes() != st->present.TotalBytes()) {
       LOG(kWarn) << what << " claims " << st->present.TotalBytes() - present.TotalBytes()
                  << " bytes that are holes on disk; fetching them again";
@@ -352,13 +375,28 @@ void BlobImpl::LoadStateLocked() {
     LOG(kDebug) << "resuming " << where_.digest.Short() << ": " << present.TotalBytes() << " of "
                 << where_.size << " bytes present, hashed to " << frontier;
   }
+  // The chunk digests asked for before, if any: verified ranges mean nothing without them.
+  std::vector<fetch::Chunk> chunks;
+  if (auto list = ReadFileAt(core_->partial_fd.get(), chunks_name_, kMaxChunksFile); list.ok()) {
+    if (auto parsed = fetch::ParseChunksums(*list, where_.size); parsed.ok()) {
+      chunks = std::move(parsed).value();
+    } else {
+      LOG(kWarn) << "ignoring partial/" << chunks_name_ << ": " << parsed.status().ToString();
+    }
+  }
+  if (chunks.empty()) verified.Clear();
   sha_ = sha;
   checkpoints_ = std::move(checkpoints);  // may lack some (other piece size): repair copes
   std::lock_guard<std::mutex> l(mu_);
   present_ = std::move(present);
+  verified_ = std::move(verified);
   frontier_ = frontier;
   dirty_ = false;
   unpersisted_bytes_ = 0;
+  if (!chunks.empty()) {
+    chunks_asked_ = true;
+    SetChunksLocked(std::move(chunks));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,6 +455,7 @@ void BlobImpl::WhenReadable(uint64_t offset, uint64_t len, ReadyFn ready) {
       status = Cancelled("cache is shutting down");
       fd = -1;
     } else if (!strict && present_.Contains(begin, end)) {
+    } else if (strict && ChunksTrustedLocked() && verified_.Contains(begin, end)) {
     } else {
       waiters_.push_back({begin, end, std::move(ready)});
       if (!owner_) return;  // another process fetches; Tick() picks it up
@@ -466,8 +505,11 @@ void BlobImpl::EnsureFetch(bool full, const std::vector<ByteRange>& demand) {
       // Start() posts to the loop thread; a Sink call it makes takes mu_, which is not held.
       fetch_ = core_->fetcher->Start(where_, full ? missing : std::vector<ByteRange>{}, this);
       fetch_full_ = full;
-      std::lock_guard<std::mutex> l(mu_);
-      sink_fetch_ = fetch_.get();
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        sink_fetch_ = fetch_.get();
+      }
+      AskChunksLocked();
     } else if (full && !fetch_full_) {
       // A lazy fetch asked to fetch everything: the Fetch API has no "want", so the rest is
       // demanded, behind what readers demanded before.
@@ -495,6 +537,13 @@ BlobStatus BlobImpl::GetStatus() const {
     if (!failure_.ok()) s.last_error = failure_.ToString();
     s.condition = condition_;
     s.bytes_repaired = bytes_repaired_;
+    s.chunks = chunks_.size();
+    s.chunks_verified = static_cast<size_t>(
+        std::count_if(chunks_.begin(), chunks_.end(),
+                      [&](const ChunkInfo& c) { return c.state == ChunkState::kVerified; }));
+    if (state_ == BlobState::kVerified) s.chunks_verified = s.chunks;
+    s.chunk_refetches = chunk_refetches_;
+    s.chunks_distrusted = chunks_distrusted_;
   }
   std::lock_guard<std::mutex> f(fetch_mu_);
   s.fetch = fetch_ ? fetch_->Stats() : last_stats_;
@@ -514,6 +563,13 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
   int fd;
   bool repairing;
   fetch::Fetch* fetch;
+  // Where Write compares with the disk: pieces of the write, with the chunk each lies in.
+  struct Segment {
+    uint64_t begin, end;
+    size_t chunk;
+    bool compare;
+  };
+  std::vector<Segment> compare;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!owner_ || state_ != BlobState::kFetching || shutdown_ || closing_) {
@@ -522,6 +578,16 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     fd = fd_.get();
     repairing = repairing_;
     fetch = sink_fetch_;
+    if (!repairing && Overlaps(compare_, offset, offset + len)) {
+      // Bytes of a chunk being re-fetched: a write that changes nothing says the bad bytes are
+      // what the server serves (see VerifyChunkStep).
+      for (size_t i = ChunkAt(chunks_, offset); i < chunks_.size(); ++i) {
+        const fetch::Chunk& c = chunks_[i].chunk;
+        if (c.begin >= offset + len) break;
+        compare.push_back({std::max(c.begin, offset), std::min(c.end, offset + len), i,
+                           chunks_[i].state == ChunkState::kRefetching});
+      }
+    }
   }
   // The Fetch calling us cannot be destroyed before we return (its destructor waits for the
   // loop thread), and Stats() only takes a leaf lock.
@@ -531,8 +597,23 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     troubles = fs.retries + fs.stalls + fs.slow_refetches;
   }
   uint64_t changed_from = kNone, changed = 0;
-  Status st = repairing ? CompareAndWrite(fd, data, len, offset, &changed_from, &changed)
-                        : PwriteFull(fd, data, len, offset);
+  std::vector<size_t> changed_chunks;
+  Status st;
+  if (repairing) {
+    st = CompareAndWrite(fd, data, len, offset, &changed_from, &changed);
+  } else if (compare.empty()) {
+    st = PwriteFull(fd, data, len, offset);
+  } else {
+    const char* p = static_cast<const char*>(data);
+    for (const Segment& g : compare) {
+      uint64_t from = kNone;
+      st = g.compare ? CompareAndWrite(fd, p + (g.begin - offset), g.end - g.begin, g.begin,
+                                       &from, &changed)
+                     : PwriteFull(fd, p + (g.begin - offset), g.end - g.begin, g.begin);
+      if (!st.ok()) break;
+      if (from != kNone) changed_chunks.push_back(g.chunk);
+    }
+  }
   if (!st.ok()) {
     if (st.code() == Code::kResourceExhausted) {
       bool first;
@@ -593,6 +674,8 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     }
     if (offset % piece != 0 && !present_.Contains(offset - 1, offset)) runs_[offset / piece]++;
     present_.Add(offset, offset + len);
+    for (size_t i : changed_chunks) chunks_[i].changed = true;
+    QueueCompleteChunksLocked(offset, offset + len);
     dirty_ = true;
     unpersisted_bytes_ += len;
     if (!got_last_byte_ && present_.TotalBytes() == where_.size) {
@@ -751,6 +834,13 @@ void BlobImpl::FinishLocked() {
     {
       std::lock_guard<std::mutex> l(mu_);
       repairing = repairing_;
+      if (ChunksTrustedLocked()) {
+        // Chunks still being checked may pinpoint the bad bytes; re-fetching them rewinds the
+        // frontier. When every chunk matched, the chunk digests are what is wrong.
+        if (verified_.TotalBytes() < where_.size) return;
+        DistrustChunksLocked("every chunk matched its digest but the blob hashes to " +
+                             got.ToString());
+      }
     }
     if (repairing) {
       NextRepairLocked(got);
@@ -784,6 +874,7 @@ void BlobImpl::FinishLocked() {
     return;
   }
   ::unlinkat(partial, state_name_.c_str(), 0);
+  ::unlinkat(partial, chunks_name_.c_str(), 0);
   for (int dfd : {blobs, partial}) {
     Status s = FsyncFd(dfd, "cache directory");
     if (!s.ok()) {
@@ -797,6 +888,7 @@ void BlobImpl::FinishLocked() {
   std::vector<Waiter> waiters;
   bool timed;
   Clock::time_point last_byte;
+  int chunk_refetches;
   {
     std::lock_guard<std::mutex> l(mu_);
     state_ = BlobState::kVerified;
@@ -806,6 +898,7 @@ void BlobImpl::FinishLocked() {
     waiters.swap(waiters_);
     timed = got_last_byte_;
     last_byte = last_byte_;
+    chunk_refetches = chunk_refetches_;
   }
   std::string note;
   if (timed) {
@@ -816,6 +909,10 @@ void BlobImpl::FinishLocked() {
     note = " " + ms(now - last_byte) + " ms after the last byte (hashed " +
            ms(std::max(hashed - last_byte, Clock::duration::zero())) + " ms, fsync " +
            ms(synced - hashed) + " ms, rename " + ms(now - synced) + " ms)";
+  }
+  if (chunk_refetches > 0) {
+    note += ", after re-fetching " + std::to_string(chunk_refetches) + " bad chunk" +
+            (chunk_refetches > 1 ? "s" : "");
   }
   if (repair_total_ > 0) {
     note += ", repaired after re-fetching " +
@@ -893,17 +990,24 @@ void BlobImpl::NextRepairLocked(const Digest& got) {
   LOG(kInfo) << "repairing " << where_.digest.Short() << ": re-fetching piece " << k << " (bytes "
              << begin << "-" << begin + len - 1 << ", " << repair_total_ - repair_queue_.size()
              << " of " << repair_total_ << ")";
-  std::lock_guard<std::mutex> f(fetch_mu_);
-  if (fetch_closed_) return;  // shutting down
   {
     std::lock_guard<std::mutex> l(mu_);
-    if (!owner_ || state_ != BlobState::kFetching || shutdown_) return;
     repair_piece_ = k;
     repair_got_.Clear();
     repair_changed_from_ = kNone;
     condition_ = "repairing: re-fetching piece " + std::to_string(k) + " (" +
                  std::to_string(repair_total_ - repair_queue_.size()) + " of " +
                  std::to_string(repair_total_) + ") after a digest mismatch";
+  }
+  RefetchRange(begin, len);
+}
+
+void BlobImpl::RefetchRange(uint64_t begin, uint64_t len) {
+  std::lock_guard<std::mutex> f(fetch_mu_);
+  if (fetch_closed_) return;  // shutting down
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!owner_ || state_ != BlobState::kFetching || shutdown_) return;
   }
   if (!fetch_) {
     // Start() may call Failed() at once; it takes only mu_, which is not held.
@@ -913,6 +1017,22 @@ void BlobImpl::NextRepairLocked(const Digest& got) {
     sink_fetch_ = fetch_.get();
   }
   fetch_->Refetch(begin, len);
+}
+
+void BlobImpl::RewindLocked(uint64_t offset) {
+  auto it = checkpoints_.upper_bound(offset);
+  Sha256 from_sha;
+  uint64_t from = 0;
+  if (it != checkpoints_.begin()) {
+    --it;
+    from = it->first;
+    from_sha = it->second;
+  }
+  checkpoints_.erase(checkpoints_.upper_bound(from), checkpoints_.end());
+  sha_ = from_sha;
+  std::lock_guard<std::mutex> l(mu_);
+  frontier_ = from;
+  dirty_ = true;
 }
 
 void BlobImpl::RepairStep() {
@@ -937,29 +1057,238 @@ void BlobImpl::RepairStep() {
                  << " came back identical";
       NextRepairLocked(sha_.Peek());
     } else {
-      // Re-hash from the last checkpoint at or before the first changed byte.
-      auto it = checkpoints_.upper_bound(changed);
-      Sha256 from_sha;
-      uint64_t from = 0;
-      if (it != checkpoints_.begin()) {
-        --it;
-        from = it->first;
-        from_sha = it->second;
-      }
-      checkpoints_.erase(checkpoints_.upper_bound(from), checkpoints_.end());
-      sha_ = from_sha;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        frontier_ = from;
-        dirty_ = true;
-      }
+      RewindLocked(changed);
       LOG(kInfo) << "repairing " << where_.digest.Short() << ": piece " << k
-                 << " differed from byte " << changed << " on; re-hashing from byte " << from;
+                 << " differed from byte " << changed << " on; re-hashing from byte "
+                 << sha_.bytes_hashed();
       PostHashStep();
     }
     answers.swap(deferred_);
   }
   for (Deferred& d : answers) Answer(std::move(d.waiters), d.status, d.fd, false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunks
+//
+// Where the registry publishes per-chunk digests (Fetcher::GetChunksums), they are asked for
+// when the blob's Fetch starts and kept in partial/sha256-<hex>.chunks. A chunk whose bytes are
+// all present is queued and hashed on the chunk thread, beside the frontier (which still hashes
+// every byte: only the blob's digest commits). A match adds the chunk to verified_ (persisted),
+// which answers strict readers of it. A mismatch takes the chunk out of present_ (readers wait
+// for it again), rewinds the frontier if it had passed the chunk's start, and re-fetches the
+// chunk alone; Write compares the new bytes with the bad ones. The chunk digests themselves are
+// untrusted: when a re-fetched chunk comes back byte for byte the same, when one keeps failing,
+// or when every chunk matched and the blob's digest does not, they are dropped for this blob and
+// the blob's digest decides alone (with piece repair, above).
+
+void BlobImpl::AskChunksLocked() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (chunks_asked_ || !core_->options.chunksums || piece_size_ == 0 ||
+        where_.size <= piece_size_) {
+      return;
+    }
+    chunks_asked_ = true;
+  }
+  // The answer arrives on the fetch loop thread: hand it to the chunk thread at once. Holding
+  // core (not the Blob) is safe there: whoever drops the last Core reference holds no Blob.
+  core_->fetcher->GetChunksums(
+      where_, [core = core_, w = weak_from_this()](StatusOr<std::vector<fetch::Chunk>> r) {
+        auto held = std::make_shared<StatusOr<std::vector<fetch::Chunk>>>(std::move(r));
+        core->chunker.Post([w, held] {
+          if (auto b = w.lock()) b->OnChunks(std::move(*held));
+        });
+      });
+}
+
+void BlobImpl::OnChunks(StatusOr<std::vector<fetch::Chunk>> r) {
+  if (!r.ok()) {
+    if (r.status().code() == Code::kNotFound || r.status().code() == Code::kCancelled) {
+      LOG(kDebug) << "no chunk digests for " << where_.digest.Short() << ": "
+                  << r.status().ToString();
+    } else {
+      LOG(kWarn) << "ignoring the chunk digests of " << where_.digest.Short() << ": "
+                 << r.status().ToString() << "; the blob's digest alone verifies it";
+    }
+    return;
+  }
+  std::string text;
+  for (const fetch::Chunk& c : r.value()) {
+    text += c.digest.ToString() + " " + std::to_string(c.begin) + "-" + std::to_string(c.end - 1) +
+            "\n";
+  }
+  const size_t n = r.value().size();
+  {
+    // Under persist_mu_: no file appears in partial/ after a commit or discard.
+    std::lock_guard<std::mutex> p(persist_mu_);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!owner_ || state_ != BlobState::kFetching || shutdown_ || no_state_ || repairing_ ||
+          !chunks_.empty() || chunks_distrusted_) {
+        return;
+      }
+      SetChunksLocked(std::move(r).value());
+    }
+    Status st = WriteFileAtomicAt(core_->partial_fd.get(), chunks_name_, core_->partial_fd.get(),
+                                  chunks_name_ + ".tmp", text);
+    if (!st.ok()) {
+      LOG(kWarn) << "saving the chunk digests of " << where_.digest.Short() << ": "
+                 << st.ToString() << " (a restart asks for them again)";
+    }
+  }
+  LOG(kInfo) << "verifying " << where_.digest.Short() << " by " << n
+             << " chunk digests from the registry as its bytes arrive";
+}
+
+void BlobImpl::SetChunksLocked(std::vector<fetch::Chunk> chunks) {
+  chunks_.clear();
+  chunks_.reserve(chunks.size());
+  for (fetch::Chunk& c : chunks) chunks_.push_back(ChunkInfo{std::move(c)});
+  RangeSet verified;
+  for (ChunkInfo& c : chunks_) {
+    if (verified_.Contains(c.chunk.begin, c.chunk.end)) {
+      c.state = ChunkState::kVerified;
+      verified.Add(c.chunk.begin, c.chunk.end);
+    }
+  }
+  verified_ = std::move(verified);  // whole chunks only
+  QueueCompleteChunksLocked(0, where_.size);
+}
+
+void BlobImpl::QueueCompleteChunksLocked(uint64_t begin, uint64_t end) {
+  if (!ChunksTrustedLocked() || begin >= end) return;
+  bool queued = false;
+  for (size_t i = ChunkAt(chunks_, begin); i < chunks_.size(); ++i) {
+    ChunkInfo& c = chunks_[i];
+    if (c.chunk.begin >= end) break;
+    if ((c.state == ChunkState::kIncomplete || c.state == ChunkState::kRefetching) &&
+        present_.Contains(c.chunk.begin, c.chunk.end)) {
+      c.state = ChunkState::kQueued;
+      chunk_queue_.push_back(i);
+      queued = true;
+    }
+  }
+  if (queued) PostChunkStepLocked();
+}
+
+void BlobImpl::PostChunkStepLocked() {
+  if (chunk_step_queued_ || chunk_queue_.empty()) return;
+  chunk_step_queued_ = true;
+  core_->chunker.Post([w = weak_from_this()] {
+    if (auto b = w.lock()) b->VerifyChunkStep();
+  });
+}
+
+void BlobImpl::TakeVerifiedWaitersLocked(std::vector<Waiter>* ready) {
+  if (!ChunksTrustedLocked()) return;
+  auto it = std::partition(waiters_.begin(), waiters_.end(), [&](const Waiter& w) {
+    return !verified_.Contains(w.begin, w.end);
+  });
+  std::move(it, waiters_.end(), std::back_inserter(*ready));
+  waiters_.erase(it, waiters_.end());
+}
+
+void BlobImpl::DistrustChunksLocked(const std::string& why) {
+  LOG(kWarn) << "the chunk digests of " << where_.digest.Short()
+             << " disagree with the registry's bytes (" << why
+             << "); ignoring them: the blob's digest alone verifies it";
+  chunks_distrusted_ = true;
+  chunk_queue_.clear();
+  compare_.Clear();  // a chunk still being re-fetched is simply written when its bytes arrive
+}
+
+void BlobImpl::VerifyChunkStep() {
+  size_t i;
+  fetch::Chunk c;
+  int fd;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    chunk_step_queued_ = false;
+    if (!ChunksTrustedLocked() || !owner_ || state_ != BlobState::kFetching || shutdown_) return;
+    if (chunk_queue_.empty()) return;
+    i = chunk_queue_.front();
+    chunk_queue_.pop_front();
+    PostChunkStepLocked();  // one chunk per task, so blobs take turns
+    if (chunks_[i].state != ChunkState::kQueued) return;
+    c = chunks_[i].chunk;
+    fd = fd_.get();
+  }
+  thread_local std::vector<char> buf(kHashChunk);
+  Sha256 sha;
+  for (uint64_t pos = c.begin; pos < c.end;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kHashChunk, c.end - pos));
+    Status st = PreadFull(fd, buf.data(), n, pos);
+    if (!st.ok()) {
+      // The frontier reads the same bytes and fails the blob if the disk really is at fault.
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        DistrustChunksLocked("reading chunk " + std::to_string(i) + ": " + st.ToString());
+      }
+      PostHashStep();
+      return;
+    }
+    sha.Update(buf.data(), n);
+    pos += n;
+  }
+  core_->chunk_bytes_hashed.fetch_add(c.end - c.begin, std::memory_order_relaxed);
+  const Digest got = sha.Peek();
+  if (got == c.digest) {
+    std::vector<Waiter> ready;
+    bool finish;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!ChunksTrustedLocked() || chunks_[i].state != ChunkState::kQueued) return;
+      chunks_[i].state = ChunkState::kVerified;
+      verified_.Add(c.begin, c.end);
+      compare_.Remove(c.begin, c.end);
+      dirty_ = true;
+      if (core_->options.strict) TakeVerifiedWaitersLocked(&ready);
+      // The frontier found a mismatch and waited for the chunks to point at it: none did.
+      finish = verified_.TotalBytes() == where_.size && frontier_ == where_.size;
+    }
+    Answer(std::move(ready), Status::Ok(), fd, /*on_loop_thread=*/false);
+    if (finish) PostHashStep();
+    return;
+  }
+  bool refetch = false;
+  {
+    std::lock_guard<std::mutex> h(hash_mu_);  // the frontier may have to go back
+    bool rewind = false;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!ChunksTrustedLocked() || !owner_ || state_ != BlobState::kFetching || shutdown_ ||
+          chunks_[i].state != ChunkState::kQueued) {
+        return;
+      }
+      ChunkInfo& info = chunks_[i];
+      const std::string where = "chunk " + std::to_string(i) + " (bytes " +
+                                std::to_string(c.begin) + "-" + std::to_string(c.end - 1) + ")";
+      if (info.refetches > 0 && !info.changed) {
+        DistrustChunksLocked(where + " came back from the registry byte for byte the same");
+      } else if (info.refetches >= kMaxChunkRefetches) {
+        DistrustChunksLocked(where + " did not match after " +
+                             std::to_string(info.refetches) + " re-fetches");
+      } else {
+        LOG(kWarn) << where << " of " << where_.digest.Short()
+                   << " does not match its chunk digest; re-fetching it (got " << got.ToString()
+                   << ", want " << c.digest.ToString() << ")";
+        info.state = ChunkState::kRefetching;
+        info.refetches++;
+        info.changed = false;
+        chunk_refetches_++;
+        present_.Remove(c.begin, c.end);
+        compare_.Add(c.begin, c.end);
+        got_last_byte_ = false;
+        dirty_ = true;
+        rewind = frontier_ > c.begin;
+        refetch = true;
+      }
+    }
+    if (rewind) RewindLocked(c.begin);
+    if (refetch) RefetchRange(c.begin, c.end - c.begin);
+  }
+  if (!refetch) PostHashStep();  // distrusted: a mismatch the frontier waited on is repaired
 }
 
 void BlobImpl::FailLocked(const Status& status, bool remove_files) {
@@ -980,6 +1309,7 @@ void BlobImpl::FailLocked(const Status& status, bool remove_files) {
     }
     ::unlinkat(core_->partial_fd.get(), name_.c_str(), 0);
     ::unlinkat(core_->partial_fd.get(), state_name_.c_str(), 0);
+    ::unlinkat(core_->partial_fd.get(), chunks_name_.c_str(), 0);
   }
   TakeFetch(/*close=*/true).reset();
   deferred_.push_back({std::move(waiters), status, -1, Unpin()});
@@ -1022,6 +1352,7 @@ void BlobImpl::MaybePersistLocked(bool force) {
     // Snapshot before the fdatasync: everything in it was pwritten before the sync starts, so
     // the state never claims bytes that are not on disk.
     s->present = present_;
+    s->verified = verified_;
     dirty_ = false;
     unpersisted_bytes_ = 0;
     fd = fd_.get();
@@ -1119,6 +1450,7 @@ void BlobImpl::TickLocked() {
       });
       std::move(it, waiters_.end(), std::back_inserter(ready));
       waiters_.erase(it, waiters_.end());
+      if (strict) TakeVerifiedWaitersLocked(&ready);
       for (const Waiter& w : waiters_) {
         for (const ByteRange& r : present_.Missing(w.begin, w.end)) demand.push_back(r);
       }
@@ -1160,8 +1492,12 @@ void BlobImpl::SyncWorkerForTest() {
     auto g = synced.get_future();
     if (!core_->syncer.Post([&synced] { synced.set_value(); })) return;
     g.wait();
+    std::promise<void> checked;
+    auto c = checked.get_future();
+    if (!core_->chunker.Post([&checked] { checked.set_value(); })) return;
+    c.wait();
     std::lock_guard<std::mutex> l(mu_);
-    if (!hash_queued_ && !persist_queued_ && !persist_inflight_) return;
+    if (!hash_queued_ && !persist_queued_ && !persist_inflight_ && !chunk_step_queued_) return;
   }
 }
 

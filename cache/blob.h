@@ -6,6 +6,9 @@
 //   - Caller threads (FUSE workers, commands): Blob methods, OpenBlob.
 //   - The fetch loop thread ("modelfs-curl"): Sink::Write / Sink::Failed. Never blocks on a
 //     reader; may answer parked readers whose bytes just arrived.
+//   - The chunk thread ("modelfs-chunks", one per Cache): receives a blob's chunk digests (from
+//     the fetch loop, through a posted task) and verifies each chunk once all its bytes are
+//     present; a bad chunk is re-fetched (see blob.cc, "Chunks").
 //   - The worker thread ("modelfs-hash", one per Cache): advances every blob's hash frontier,
 //     commits or fails it, persists state files (fdatasync + atomic rename), polls blobs locked
 //     by another process, and destroys ReadyFn objects that ran on the fetch loop thread (so
@@ -16,6 +19,8 @@
 //   Cache::mu_  →  BlobImpl::hash_mu_  →  BlobImpl::fetch_mu_  →  BlobImpl::mu_  →  Worker::mu_
 //   and BlobImpl::hash_mu_  →  BlobImpl::persist_mu_  →  BlobImpl::mu_ (the syncer thread
 //   "modelfs-sync" takes only persist_mu_ → mu_: it writes state files, fdatasync first).
+// The chunk thread takes hash_mu_ → fetch_mu_ → mu_ (a bad chunk rewinds the frontier) or
+// persist_mu_ → mu_ (writing the chunk list), never holding a lock while it hashes.
 // Core::pin_mu and Core::lock_mu are leaves (nothing is taken under them). Waiting on
 // Core::lock_cv (for a dying Blob of ours to drop its flock) happens under Cache::mu_ and the
 // new Blob's hash_mu_; a dying Blob needs neither.
@@ -89,6 +94,9 @@ struct Core {
   Worker worker{"modelfs-hash"};
   // Writes resume state (fdatasync, then the state file), so the hasher never waits on the disk.
   Worker syncer{"modelfs-sync"};
+  // Verifies chunks against the registry's chunk digests, beside the frontier on another core.
+  Worker chunker{"modelfs-chunks"};
+  std::atomic<uint64_t> chunk_bytes_hashed{0};  // bytes chunk verification fed to SHA-256
   std::atomic<bool> disk_full{false};     // "log once" latch for ENOSPC
   std::atomic<uint64_t> bytes_hashed{0};  // total bytes fed to SHA-256, for tests and stats
   std::atomic<uint64_t> bytes_repaired{0};  // bytes a repair found different on disk (tests)
@@ -151,6 +159,8 @@ class BlobImpl final : public Blob,
   void SyncWorkerForTest();
   // Tests: bytes this Cache's hasher has fed to SHA-256 (all blobs).
   uint64_t BytesHashedForTest() const { return core_->bytes_hashed.load(); }
+  // Tests: bytes chunk verification has fed to SHA-256 (all blobs of this Cache).
+  uint64_t ChunkBytesHashedForTest() const { return core_->chunk_bytes_hashed.load(); }
 
  private:
   struct Waiter {
@@ -186,6 +196,22 @@ class BlobImpl final : public Blob,
   void NextRepairLocked(const Digest& got);   // REQUIRES: hash_mu_ held
   void RepairStep();                          // worker: the piece being re-fetched is complete
   uint64_t PieceSize() const { return piece_size_ > 0 ? piece_size_ : std::max<uint64_t>(1, where_.size); }
+  // Restarts hashing from the last checkpoint at or before offset.
+  void RewindLocked(uint64_t offset);  // REQUIRES: hash_mu_ held
+  // Asks the fetch for these bytes again (starting a Fetch if there is none).
+  void RefetchRange(uint64_t begin, uint64_t len);  // REQUIRES: fetch_mu_, mu_ not held
+  // Chunks (see blob.cc, "Chunks").
+  void AskChunksLocked();  // REQUIRES: fetch_mu_ held
+  void OnChunks(StatusOr<std::vector<fetch::Chunk>> chunks);  // chunk thread
+  void SetChunksLocked(std::vector<fetch::Chunk> chunks);     // REQUIRES: mu_ held
+  void VerifyChunkStep();                                      // chunk thread
+  void PostChunkStepLocked();                                  // REQUIRES: mu_ held
+  // Chunks overlapping [begin, end) whose bytes are now all present are queued for verification.
+  void QueueCompleteChunksLocked(uint64_t begin, uint64_t end);  // REQUIRES: mu_ held
+  bool ChunksTrustedLocked() const { return !chunks_.empty() && !chunks_distrusted_; }
+  // Strict mode: waiters whose bytes are all in verified chunks move to *ready.
+  void TakeVerifiedWaitersLocked(std::vector<Waiter>* ready);  // REQUIRES: mu_ held
+  void DistrustChunksLocked(const std::string& why);            // REQUIRES: mu_ held
   void FailLocked(const Status& status, bool remove_files);  // REQUIRES: hash_mu_ held
   std::unique_ptr<fetch::Fetch> TakeFetch(bool close);
   void Pin();
@@ -198,6 +224,7 @@ class BlobImpl final : public Blob,
   const fetch::BlobLocation where_;
   const std::string name_;        // sha256-<hex>
   const std::string state_name_;  // sha256-<hex>.state
+  const std::string chunks_name_;  // sha256-<hex>.chunks
 
   // Hash frontier. Taken by the worker for a whole HashStep and by persistence.
   std::mutex hash_mu_;
@@ -263,6 +290,27 @@ class BlobImpl final : public Blob,
   std::vector<uint32_t> runs_;     // GUARDED_BY(mu_)
   int trouble_seen_ = 0;           // GUARDED_BY(mu_): FetchStats troubles counted so far
   fetch::Fetch* sink_fetch_ = nullptr;  // GUARDED_BY(mu_): the live Fetch, for its Stats()
+  // Chunks: the registry's per-chunk digests, in offset order (empty: none known).
+  enum class ChunkState : uint8_t {
+    kIncomplete,  // some bytes missing
+    kQueued,      // all bytes present, in chunk_queue_
+    kVerified,    // matched (its bytes are in verified_)
+    kRefetching,  // did not match: its bytes are not present_ until the server sends them again
+  };
+  struct ChunkInfo {
+    fetch::Chunk chunk;
+    ChunkState state = ChunkState::kIncomplete;
+    uint8_t refetches = 0;  // times re-fetched after a mismatch
+    bool changed = false;   // the re-fetch wrote bytes that differ from the bad ones
+  };
+  std::vector<ChunkInfo> chunks_;  // GUARDED_BY(mu_)
+  std::deque<size_t> chunk_queue_;  // GUARDED_BY(mu_): indices of kQueued chunks
+  RangeSet verified_;               // GUARDED_BY(mu_): bytes of kVerified chunks
+  RangeSet compare_;                // GUARDED_BY(mu_): kRefetching chunks: Write compares there
+  bool chunks_asked_ = false;       // GUARDED_BY(mu_)
+  bool chunks_distrusted_ = false;  // GUARDED_BY(mu_)
+  bool chunk_step_queued_ = false;  // GUARDED_BY(mu_)
+  int chunk_refetches_ = 0;         // GUARDED_BY(mu_)
   Status failure_;                  // GUARDED_BY(mu_)
   std::vector<Waiter> waiters_;     // GUARDED_BY(mu_): unsorted; a few hundred at most
 };

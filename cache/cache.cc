@@ -292,6 +292,7 @@ void CacheImpl::Shutdown() {
     pinned.swap(core_->pinned);
   }
   pinned.clear();  // breaks the Core ↔ Blob cycle; shut down above, so this only persists
+  core_->chunker.Stop();
   core_->worker.Stop();
   core_->syncer.Stop();
 }

@@ -60,6 +60,13 @@ struct CacheOptions {
   // piece boundary (112 bytes each, also in the state file); on a digest mismatch pieces are
   // re-fetched one at a time and hashing restarts from the first changed piece. 0: one piece.
   uint64_t piece_size = 64ull << 20;
+  // Ask the registry for Ollama's per-chunk digests (Fetcher::GetChunksums) of blobs larger
+  // than one piece. Each chunk is then verified as soon as all of its bytes are present (thread
+  // "modelfs-chunks"), a chunk that does not match is re-fetched alone (its bytes stop being
+  // served until then), and strict readers are answered once their chunks are verified. The
+  // whole blob's digest still decides the commit: chunk digests that disagree with it are
+  // distrusted for that blob, never the other way round.
+  bool chunksums = true;
 };
 
 // kMissing: not complete and nothing is fetching it (a lazy blob nobody has read yet).
@@ -80,6 +87,11 @@ struct BlobStatus {
   // Bytes a repair found different on disk and replaced. Pages of them a reader cached before
   // the repair are stale: the FUSE layer must not keep_cache such a blob's earlier pages.
   uint64_t bytes_repaired = 0;
+  // Per-chunk digests (CacheOptions::chunksums). chunks == 0: none published (or not known yet).
+  size_t chunks = 0;
+  size_t chunks_verified = 0;
+  int chunk_refetches = 0;        // chunks re-fetched because their bytes did not match
+  bool chunks_distrusted = false;  // they disagreed with the blob's digest: ignored from then on
   fetch::FetchStats fetch;
 };
 

@@ -51,6 +51,40 @@ class FakeFetcher : public fetch::Fetcher {
   std::unique_ptr<fetch::Fetch> Start(const fetch::BlobLocation& where,
                                       std::vector<ByteRange> wanted, fetch::Sink* sink) override;
 
+  // Answers with what set_chunks() gave for the digest (NotFound otherwise), on the loop
+  // thread; while hold_chunks(true), answers wait for release_chunks().
+  void GetChunksums(const fetch::BlobLocation& where, ChunksumsFn done) override {
+    std::lock_guard<std::mutex> l(mu_);
+    ++chunk_asks_;
+    StatusOr<std::vector<fetch::Chunk>> r = NotFound("no chunksums here");
+    if (auto it = chunks_.find(where.digest); it != chunks_.end()) r = it->second;
+    auto answer = [r, done = std::move(done)]() mutable { done(std::move(r)); };
+    if (hold_chunks_) {
+      held_chunks_.push_back(std::move(answer));
+      return;
+    }
+    tasks_.push_back(std::move(answer));
+    cv_.notify_all();
+  }
+  void set_chunks(const Digest& d, std::vector<fetch::Chunk> chunks) {
+    std::lock_guard<std::mutex> l(mu_);
+    chunks_[d] = std::move(chunks);
+  }
+  void hold_chunks(bool hold) {
+    std::lock_guard<std::mutex> l(mu_);
+    hold_chunks_ = hold;
+  }
+  void release_chunks() {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& a : held_chunks_) tasks_.push_back(std::move(a));
+    held_chunks_.clear();
+    cv_.notify_all();
+  }
+  int chunk_asks() {
+    std::lock_guard<std::mutex> l(mu_);
+    return chunk_asks_;
+  }
+
   // Runs sink->Write on the loop thread and returns what it said.
   Status Write(const Digest& d, uint64_t offset, std::string_view data) {
     return Call(d, [=](fetch::Sink* s) { return s->Write(offset, data.data(), data.size()); });
@@ -133,6 +167,10 @@ class FakeFetcher : public fetch::Fetcher {
   std::map<Digest, fetch::Sink*> sinks_;
   std::map<Digest, std::vector<ByteRange>> demands_, wanted_, refetches_;
   int retries_ = 0;
+  std::map<Digest, std::vector<fetch::Chunk>> chunks_;
+  bool hold_chunks_ = false;
+  std::vector<std::function<void()>> held_chunks_;
+  int chunk_asks_ = 0;
   std::thread loop_;
 };
 
@@ -216,6 +254,16 @@ std::string ReadAll(const fs::path& p) {
 std::string PreadAll(int fd, uint64_t off, size_t len) {
   std::string out(len, '\0');
   EXPECT_TRUE(PreadFull(fd, out.data(), len, off).ok());
+  return out;
+}
+
+// The chunk digests of data in chunks of `chunk` bytes (the last one short).
+std::vector<fetch::Chunk> ChunksOf(const std::string& data, uint64_t chunk) {
+  std::vector<fetch::Chunk> out;
+  for (uint64_t b = 0; b < data.size(); b += chunk) {
+    const uint64_t e = std::min<uint64_t>(b + chunk, data.size());
+    out.push_back({Sha256::Of(std::string_view(data).substr(b, e - b)), b, e});
+  }
   return out;
 }
 
@@ -628,6 +676,203 @@ TEST_F(CacheTest, RepairAfterARestartUsesSavedCheckpoints) {
   }
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
   EXPECT_EQ(Impl(blob)->BytesHashedForTest(), kPart + 2 * kPart) << "piece 3, then 2 and 3 again";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk digests
+
+// Chunks (not aligned to parts) are verified as their bytes complete; a strict reader is
+// answered once its chunk matched, long before the blob's digest is known.
+TEST_F(CacheTest, ChunksReleaseStrictReadersEarly) {
+  const std::string data = RandomBytes(6 * kPart + 99, 30);
+  const auto where = Where(data);
+  const uint64_t chunk = kPart * 3 / 2;
+  fetcher_.set_chunks(where.digest, ChunksOf(data, chunk));
+  CacheOptions opt;
+  opt.strict = true;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  Answer first, third;
+  blob->WhenReadable(10, 100, first.Fn());
+  blob->WhenReadable(2 * chunk + 5, 10, third.Fn());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks == 5; }));
+  ASSERT_TRUE(fetcher_.Write(where.digest, 0, std::string_view(data).substr(0, kPart)).ok());
+  Impl(blob)->SyncWorkerForTest();
+  EXPECT_FALSE(first.Called()) << "its chunk is not complete yet";
+  ASSERT_TRUE(fetcher_.Write(where.digest, kPart, std::string_view(data).substr(kPart, kPart)).ok());
+  ASSERT_TRUE(WaitFor([&] { return first.Called(); }));
+  EXPECT_TRUE(first.status.ok());
+  EXPECT_EQ(PreadAll(first.fd, 10, 100), data.substr(10, 100));
+  EXPECT_FALSE(third.Called());
+  BlobStatus st = blob->GetStatus();
+  EXPECT_EQ(st.state, BlobState::kFetching);
+  EXPECT_EQ(st.chunks_verified, 1u);
+  Answer again;  // a new strict read of verified bytes is answered at once
+  blob->WhenReadable(chunk - 10, 10, again.Fn());
+  EXPECT_TRUE(again.Called());
+  ASSERT_TRUE(fetcher_.Write(where.digest, 2 * kPart, std::string_view(data).substr(2 * kPart)).ok());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  ASSERT_TRUE(WaitFor([&] { return third.Called(); }));
+  EXPECT_EQ(fetcher_.chunk_asks(), 1);
+  EXPECT_TRUE(fetcher_.refetches(where.digest).empty());
+  EXPECT_LE(Impl(blob)->ChunkBytesHashedForTest(), data.size());
+  EXPECT_FALSE(fs::exists(dir_ / "partial" / (where.digest.FileName() + ".chunks")));
+}
+
+// A bad chunk is re-fetched alone: its bytes stop being served, the frontier goes back to before
+// it, and no piece repair happens.
+TEST_F(CacheTest, BadChunkIsRefetchedAlone) {
+  const std::string data = RandomBytes(6 * kPart, 31);
+  const auto where = Where(data);
+  const uint64_t chunk = kPart / 2;
+  fetcher_.set_chunks(where.digest, ChunksOf(data, chunk));
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks == 12; }));
+  std::string bad = data;
+  bad[7 * chunk + 3] ^= 0x40;  // chunk 7, in piece 3
+  ASSERT_TRUE(fetcher_.Write(where.digest, 0, bad).ok());
+  ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
+  EXPECT_EQ(fetcher_.refetches(where.digest)[0], (ByteRange{7 * chunk, 8 * chunk}));
+  Impl(blob)->SyncWorkerForTest();
+  BlobStatus st = blob->GetStatus();
+  EXPECT_EQ(st.chunk_refetches, 1);
+  EXPECT_EQ(st.bytes_present, data.size() - chunk);
+  EXPECT_LE(st.hash_frontier, 7 * chunk);
+  Answer a;  // default mode: the bad chunk's bytes are not served until the server resends them
+  blob->WhenReadable(7 * chunk, 10, a.Fn());
+  EXPECT_FALSE(a.Called());
+  const std::string_view good = std::string_view(data).substr(7 * chunk, chunk);
+  ASSERT_TRUE(fetcher_.Write(where.digest, 7 * chunk, good).ok());
+  ASSERT_TRUE(WaitFor([&] { return a.Called(); }));
+  EXPECT_EQ(PreadAll(a.fd, 7 * chunk, 10), data.substr(7 * chunk, 10));
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+  st = blob->GetStatus();
+  EXPECT_EQ(fetcher_.refetches(where.digest).size(), 1u);
+  EXPECT_EQ(st.bytes_repaired, 1u);
+  EXPECT_FALSE(st.chunks_distrusted);
+  // The frontier either stopped at the bad chunk or went back to the checkpoint at piece 3.
+  EXPECT_LE(Impl(blob)->BytesHashedForTest(), data.size() + 3 * kPart);
+}
+
+// A wrong chunk digest over good bytes: the re-fetched chunk comes back the same, the chunk
+// digests are distrusted, and the blob's digest commits it.
+TEST_F(CacheTest, WrongChunkDigestIsDistrusted) {
+  const std::string data = RandomBytes(4 * kPart, 32);
+  const auto where = Where(data);
+  auto chunks = ChunksOf(data, kPart);
+  chunks[1].digest = Sha256::Of("not chunk 1");
+  fetcher_.set_chunks(where.digest, chunks);
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks == 4; }));
+  ASSERT_TRUE(fetcher_.Write(where.digest, 0, std::string_view(data).substr(0, 3 * kPart)).ok());
+  ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == 1; }));
+  ASSERT_TRUE(WritePart(data, where.digest, 1).ok());  // the same bytes again
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks_distrusted; }));
+  ASSERT_TRUE(WritePart(data, where.digest, 3).ok());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(fetcher_.refetches(where.digest).size(), 1u);
+  EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+}
+
+// Chunk digests that match bytes the blob's digest rejects (a registry consistent with its own
+// bad bytes): every chunk verifies, so they are distrusted and piece repair takes over.
+TEST_F(CacheTest, ChunksAgreeingWithBadBytesFallBackToPieceRepair) {
+  const std::string data = RandomBytes(3 * kPart, 33);
+  const auto where = Where(data);
+  std::string bad = data;
+  bad[kPart + 1] ^= 1;
+  fetcher_.set_chunks(where.digest, ChunksOf(bad, kPart));
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks == 3; }));
+  ASSERT_TRUE(fetcher_.Write(where.digest, 0, bad).ok());
+  ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
+  EXPECT_TRUE(blob->GetStatus().chunks_distrusted);
+  EXPECT_NE(blob->GetStatus().condition.find("repairing"), std::string::npos);
+  for (size_t i = 0; i < 3 && blob->GetStatus().state == BlobState::kFetching; ++i) {
+    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1; }));
+    const ByteRange r = fetcher_.refetches(where.digest)[i];
+    ASSERT_TRUE(WritePart(data, where.digest, static_cast<int>(r.begin / kPart)).ok());
+    Impl(blob)->SyncWorkerForTest();
+  }
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+}
+
+// The chunk list arrives after the frontier hashed past a bad chunk: the frontier goes back.
+TEST_F(CacheTest, LateChunksRewindTheFrontier) {
+  const std::string data = RandomBytes(4 * kPart, 34);
+  const auto where = Where(data);
+  fetcher_.set_chunks(where.digest, ChunksOf(data, kPart));
+  fetcher_.hold_chunks(true);
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  std::string bad = data;
+  bad[kPart + 5] ^= 1;
+  ASSERT_TRUE(fetcher_.Write(where.digest, 0, std::string_view(bad).substr(0, 3 * kPart)).ok());
+  Impl(blob)->SyncWorkerForTest();
+  EXPECT_EQ(blob->GetStatus().hash_frontier, 3 * kPart);
+  fetcher_.release_chunks();
+  ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
+  EXPECT_EQ(fetcher_.refetches(where.digest)[0], (ByteRange{kPart, 2 * kPart}));
+  Impl(blob)->SyncWorkerForTest();
+  EXPECT_EQ(blob->GetStatus().hash_frontier, kPart);
+  ASSERT_TRUE(WritePart(data, where.digest, 1).ok());
+  ASSERT_TRUE(WritePart(data, where.digest, 3).ok());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
+  EXPECT_EQ(Impl(blob)->BytesHashedForTest(), 3 * kPart + 3 * kPart);
+}
+
+// Verified chunks and the chunk list survive a restart: nothing is hashed or asked for again.
+TEST_F(CacheTest, VerifiedChunksSurviveARestart) {
+  const std::string data = RandomBytes(4 * kPart, 35);
+  const auto where = Where(data);
+  fetcher_.set_chunks(where.digest, ChunksOf(data, kPart));
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  opt.strict = true;
+  {
+    auto cache = OpenCache(opt);
+    auto blob = Open(cache.get(), where);
+    blob->Materialize();
+    ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks == 4; }));
+    ASSERT_TRUE(fetcher_.Write(where.digest, 0, std::string_view(data).substr(0, 2 * kPart)).ok());
+    ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks_verified == 2; }));
+    Impl(blob)->SyncWorkerForTest();
+  }
+  auto st = DecodeState(ReadAll(StatePath(where.digest)), where.digest, data.size());
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_TRUE(st->verified.Contains(0, 2 * kPart));
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  Impl(blob)->SyncWorkerForTest();
+  EXPECT_EQ(blob->GetStatus().chunks_verified, 2u);
+  EXPECT_EQ(Impl(blob)->ChunkBytesHashedForTest(), 0u) << "verified chunks are not hashed again";
+  Answer a;
+  blob->WhenReadable(kPart, 10, a.Fn());
+  EXPECT_TRUE(a.Called()) << "strict reader of a verified chunk, answered from the saved state";
+  blob->Materialize();
+  ASSERT_TRUE(fetcher_.Write(where.digest, 2 * kPart, std::string_view(data).substr(2 * kPart)).ok());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(fetcher_.chunk_asks(), 1);
+  EXPECT_LE(Impl(blob)->ChunkBytesHashedForTest(), 2 * kPart) << "only the new chunks";
 }
 
 TEST_F(CacheTest, FetchFailureFailsReaders) {

@@ -65,6 +65,9 @@ std::string EncodeState(const PartialState& s) {
   for (const ByteRange& r : s.present.Ranges()) {
     out += "range " + std::to_string(r.begin) + " " + std::to_string(r.end) + "\n";
   }
+  for (const ByteRange& r : s.verified.Ranges()) {
+    out += "verified " + std::to_string(r.begin) + " " + std::to_string(r.end) + "\n";
+  }
   out += "checksum " + Sha256::Of(out).Hex() + "\n";
   return out;
 }
@@ -90,7 +93,7 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
   if (lines.size() < 5) return DataLoss("state file is too short");
   std::string_view v;
   if (!Field(lines[0], kMagic, &v)) return DataLoss("state file has a bad magic line");
-  if (v != std::to_string(kStateVersion) && v != "1") {
+  if (v != std::to_string(kStateVersion) && v != "2" && v != "1") {
     return FailedPrecondition("state file has version " + std::string(v.substr(0, 20)));
   }
   PartialState s;
@@ -144,20 +147,31 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
       break;
     }
   }
-  const size_t first_range = i;
-  uint64_t prev_end = 0;
-  for (; i < lines.size(); ++i) {
-    std::string_view rest;
-    if (!Field(lines[i], "range", &rest)) return DataLoss("state file: unexpected line");
-    size_t sp = rest.find(' ');
-    uint64_t b, e;
-    if (sp == std::string_view::npos || !ParseU64(rest.substr(0, sp), &b) ||
-        !ParseU64(rest.substr(sp + 1), &e) || b >= e || e > size ||
-        (i > first_range && b <= prev_end)) {
-      return DataLoss("state file: bad range line");
+  // "<keyword> <begin> <end>" lines: ascending, disjoint, non-empty, within the blob.
+  auto ranges = [&](std::string_view keyword, RangeSet* out) -> Status {
+    const size_t first = i;
+    uint64_t prev_end = 0;
+    for (; i < lines.size(); ++i) {
+      std::string_view rest;
+      if (!Field(lines[i], keyword, &rest)) break;
+      size_t sp = rest.find(' ');
+      uint64_t b, e;
+      if (sp == std::string_view::npos || !ParseU64(rest.substr(0, sp), &b) ||
+          !ParseU64(rest.substr(sp + 1), &e) || b >= e || e > size || (i > first && b <= prev_end)) {
+        return DataLoss("state file: bad " + std::string(keyword) + " line");
+      }
+      prev_end = e;
+      out->Add(b, e);
     }
-    prev_end = e;
-    s.present.Add(b, e);
+    return Status::Ok();
+  };
+  RETURN_IF_ERROR(ranges("range", &s.present));
+  RETURN_IF_ERROR(ranges("verified", &s.verified));
+  if (i != lines.size()) return DataLoss("state file: unexpected line");
+  for (const ByteRange& r : s.verified.Ranges()) {
+    if (!s.present.Contains(r.begin, r.end)) {
+      return DataLoss("state file: verified bytes that are not present");
+    }
   }
   if (s.frontier > s.present.PrefixEnd()) {
     return DataLoss("state file: frontier is past the present prefix");

@@ -8,9 +8,12 @@
 //   checkpoint <offset> <hex state>  SHA-256 state after [0, offset), at piece boundaries below
 //                                    the frontier (repair restarts hashing from one); ascending
 //   range <begin> <end>              one line per present range, ascending, disjoint
+//   verified <begin> <end>           bytes of chunks that matched their chunk digest (a subset
+//                                    of the present ranges; partial/sha256-<hex>.chunks holds
+//                                    the chunk digests); ascending, disjoint
 //   checksum <64 hex>                SHA-256 of every byte above this line
 //
-// Version 1 (no checkpoint lines) is still read.
+// Versions 1 (no checkpoint lines) and 2 (no verified lines) are still read.
 // Decode trusts nothing: any malformed line, unknown version, wrong digest or size, unsorted or
 // out-of-bounds range, frontier outside the present prefix or bad checksum rejects the whole
 // file (the caller then starts from nothing). A well-formed hash state this build cannot load
@@ -36,12 +39,13 @@ struct PartialState {
   std::string sha_state;  // Sha256::SaveState() after hashing [0, frontier)
   // Sha256::SaveState() after hashing [0, offset), for some offsets <= frontier.
   std::map<uint64_t, std::string> checkpoints;
+  RangeSet verified;  // within present
   // Decode only: the saved hash state was unusable here, so frontier and sha_state were reset
   // to the start (the present ranges are still good).
   bool hash_reset = false;
 };
 
-inline constexpr int kStateVersion = 2;
+inline constexpr int kStateVersion = 3;
 
 std::string EncodeState(const PartialState& state);
 // Fails (kDataLoss for corruption, kFailedPrecondition for another version/blob/size) when the

@@ -20,6 +20,8 @@ PartialState Sample() {
   Sha256 h32;
   h32.Update(zeros.data(), 32);
   s.checkpoints[32] = h32.SaveState();
+  s.verified.Add(0, 100);
+  s.verified.Add(550, 600);
   return s;
 }
 
@@ -44,16 +46,28 @@ TEST(StateFileTest, RoundTrips) {
   EXPECT_EQ(got->frontier, 64u);
   EXPECT_EQ(got->sha_state, s.sha_state);
   EXPECT_EQ(got->checkpoints, s.checkpoints);
+  EXPECT_EQ(got->verified, s.verified);
 }
 
 TEST(StateFileTest, ReadsVersionOneWithoutCheckpoints) {
   PartialState s = Sample();
   s.checkpoints.clear();
-  auto got = DecodeState(Resign(Replace(EncodeState(s), "state 2\n", "state 1\n")), s.digest,
+  s.verified.Clear();
+  auto got = DecodeState(Resign(Replace(EncodeState(s), "state 3\n", "state 1\n")), s.digest,
                          s.size);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   EXPECT_EQ(got->frontier, 64u);
   EXPECT_TRUE(got->checkpoints.empty());
+}
+
+TEST(StateFileTest, ReadsVersionTwoWithoutVerifiedRanges) {
+  PartialState s = Sample();
+  s.verified.Clear();
+  auto got = DecodeState(Resign(Replace(EncodeState(s), "state 3\n", "state 2\n")), s.digest,
+                         s.size);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->checkpoints, s.checkpoints);
+  EXPECT_TRUE(got->verified.empty());
 }
 
 TEST(StateFileTest, RejectsBadCheckpoints) {
@@ -96,7 +110,7 @@ TEST(StateFileTest, RejectsCorruptionAndTruncation) {
 TEST(StateFileTest, RejectsOtherVersionBlobOrSize) {
   PartialState s = Sample();
   std::string text = EncodeState(s);
-  EXPECT_EQ(DecodeState(Resign(Replace(text, "state 2\n", "state 9\n")), s.digest, s.size)
+  EXPECT_EQ(DecodeState(Resign(Replace(text, "state 3\n", "state 9\n")), s.digest, s.size)
                 .status()
                 .code(),
             Code::kFailedPrecondition);
@@ -128,6 +142,16 @@ TEST(StateFileTest, RejectsInconsistentContents) {
       DecodeState(Resign(Replace(text, "frontier 64", "frontier 6x")), s.digest, s.size).ok());
   EXPECT_FALSE(
       DecodeState(Resign(Replace(text, "checksum", "junk\nchecksum")), s.digest, s.size).ok());
+  // Verified bytes that are not present, out of order, or before the range lines.
+  EXPECT_FALSE(DecodeState(Resign(Replace(text, "verified 550 600", "verified 550 701")), s.digest,
+                           s.size)
+                   .ok());
+  EXPECT_FALSE(DecodeState(Resign(Replace(text, "verified 550 600", "verified 50 60")), s.digest,
+                           s.size)
+                   .ok());
+  EXPECT_FALSE(DecodeState(Resign(Replace(text, "range 0 128\n", "verified 0 100\nrange 0 128\n")),
+                           s.digest, s.size)
+                   .ok());
 }
 
 }  // namespace

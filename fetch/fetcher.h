@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -15,6 +16,7 @@
 #include "base/digest.h"
 #include "base/range_set.h"
 #include "base/status.h"
+#include "fetch/chunksums.h"
 
 namespace modelfs::fetch {
 
@@ -121,6 +123,19 @@ class Fetcher {
   // sink, which must outlive the returned Fetch.
   virtual std::unique_ptr<Fetch> Start(const BlobLocation& where, std::vector<ByteRange> wanted,
                                        Sink* sink) = 0;
+
+  // Ollama's per-chunk digests of a blob (fetch/chunksums.h), where its registry publishes them:
+  // GET <registry>/v2/<repository>/chunksums/<digest>, asked of the registry itself (never a
+  // mirror). done runs exactly once, on the fetch loop thread (so the Sink rules apply: it must
+  // not block, nor drop the last reference to anything whose destructor waits for that thread),
+  // with the chunks; kNotFound when the registry publishes none for it (404, or an endpoint it
+  // does not have); kCancelled when the fetcher shuts down first; another error otherwise. A
+  // reply that does not parse, or does not cover exactly [0, where.size), is kDataLoss.
+  // One exception to the thread: called once the fetcher has already shut down (its loop thread
+  // is gone), done runs at once on the calling thread, with kCancelled, before GetChunksums
+  // returns — so do not call it holding a lock that done takes.
+  using ChunksumsFn = std::function<void(StatusOr<std::vector<Chunk>>)>;
+  virtual void GetChunksums(const BlobLocation& where, ChunksumsFn done) = 0;
 };
 
 }  // namespace modelfs::fetch

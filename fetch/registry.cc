@@ -11,6 +11,7 @@
 #include "base/log.h"
 #include "fetch/auth.h"
 #include "fetch/blob_fetch.h"
+#include "fetch/chunksums.h"
 #include "fetch/curl_loop.h"
 #include "fetch/http.h"
 #include "fetch/url.h"
@@ -20,6 +21,7 @@ namespace {
 
 constexpr size_t kManifestCap = 4u << 20;
 constexpr size_t kTokenCap = 1u << 20;
+constexpr size_t kChunksumsCap = 32u << 20;  // ~350k chunk lines
 constexpr int kMaxSameHostRedirects = 10;
 // Connections beyond max_connections for demand parts and for manifests/tokens.
 constexpr int kSmallRequestConnections = 4;
@@ -293,6 +295,16 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
     });
     if (!ok) sink->Failed(Cancelled("fetcher is shut down"));
     return handle;
+  }
+
+  void GetChunksums(const BlobLocation& where_in, ChunksumsFn done) override {
+    BlobLocation where = where_in;
+    where.registry = TrimRegistry(where.registry);  // asked of the registry, never a mirror
+    // Shared so that done is still ours to call if the loop refuses (and drops) the closure.
+    auto cb = std::make_shared<ChunksumsFn>(std::move(done));
+    bool posted = loop_->Post([this, where, cb] { ChunksumsAt(where, std::move(*cb)); });
+    // The loop has stopped and runs nothing any more: this thread is the only one left to answer.
+    if (!posted) (*cb)(Cancelled("fetcher is shut down"));
   }
 
   // Loop thread: unregisters and cancels.
@@ -605,6 +617,50 @@ class RegistryClientImpl : public RegistryClient, public BlobFetchHost {
                  }
                  ResolveSource(where, std::move(sources), i + 1, std::move(done));
                });
+  }
+
+  // Loop thread. When the loop is stopping, StartHttp completes the request at once with
+  // kCancelled, so done still runs exactly once.
+  void ChunksumsAt(const BlobLocation& where, ChunksumsFn done) {
+    auto parts = ParseUrl(where.registry);
+    if (!parts) {
+      done(InvalidArgument("registry must be an http(s) URL: " + RedactUrl(where.registry)));
+      return;
+    }
+    HttpRequest req;
+    req.url = where.registry + "/v2/" + where.repository + "/chunksums/" + where.digest.ToString();
+    req.follow_redirects = true;  // curl never sends our Authorization to another host
+    req.max_body = kChunksumsCap;
+    req.timeout_s = options_.request_timeout_s;
+    AuthedRequest(where.registry, where.repository, std::move(req), 0,
+                  [this, where, host = parts->authority, done = std::move(done)](HttpResponse r) {
+                    done(ChunksumsFrom(where, host, r));
+                  });
+  }
+
+  StatusOr<std::vector<Chunk>> ChunksumsFrom(const BlobLocation& where, const std::string& host,
+                                             const HttpResponse& r) {
+    std::string what = "chunksums of blob " + where.digest.Short();
+    if (!r.error.ok()) return r.error;
+    if (r.body_too_large) {
+      return ResourceExhausted(what + " from " + host + " are over the " +
+                               std::to_string(kChunksumsCap >> 20) + " MiB limit");
+    }
+    // A registry without the endpoint says so with 404 (docker-registry, with a JSON error
+    // body), 405 or 501: the same as publishing none for this blob.
+    if (r.status == 404 || r.status == 405 || r.status == 501) {
+      return NotFound("registry " + host + " publishes no chunksums for blob " +
+                      where.digest.Short() + " (HTTP " + std::to_string(r.status) + ")");
+    }
+    if (r.status != 200) {
+      std::string msg;
+      RegistryErrorCodes(r.body, &msg);
+      return StatusFor(r, host, what, msg);
+    }
+    auto chunks = ParseChunksums(r.body, where.size);
+    if (!chunks.ok()) return DataLoss(what + " from " + host + ": " + chunks.status().message());
+    LOG(kDebug) << what << " from " << host << ": " << chunks->size() << " chunks";
+    return chunks;
   }
 
   // Loop thread: follows same-host redirects of the blob URL; the first URL on another host (a

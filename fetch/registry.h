@@ -3,13 +3,14 @@
 //
 //   GET  <registry>/v2/<repository>/manifests/<reference>     (GetManifest)
 //   GET  <registry>/v2/<repository>/blobs/<digest>            (Fetcher::Start, GetBlob)
+//   GET  <registry>/v2/<repository>/chunksums/<digest>        (Fetcher::GetChunksums)
 //
 // Auth: a 401 with `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is answered by asking the
 // realm for a token (anonymously, or with the credentials configured for that registry host),
 // then retrying with `Authorization: Bearer`; a Basic challenge is answered with basic auth.
-// Tokens are cached per (registry, scope) until they expire. Blob GETs follow redirects; the
-// Authorization header is never sent to a host other than the registry's. Only http and https
-// URLs are followed, and plain http only where the registry URL itself says http.
+// Tokens are cached per (registry, scope) until they expire. Blob and chunksums GETs follow
+// redirects; the Authorization header is never sent to a host other than the registry's. Only
+// http and https URLs are followed, and plain http only where the registry URL itself says http.
 //
 // Mirrors (ClientOptions::mirror, fetch/mirrors.h): manifests, small blobs and blob URL
 // resolution for the mirrored registry try each healthy mirror in order, then the registry
@@ -23,8 +24,9 @@
 // Thread-safe. Blocking calls (GetManifest, GetBlob) must not be made on the fetch loop thread
 // (they return kInternal there). The client owns the fetch loop thread ("modelfs-curl"): one
 // libcurl multi handle and every easy handle live there. Destroying the client cancels every
-// request and joins that thread: blocked callers get kCancelled, and each Fetch that still had
-// work gets Sink::Failed(kCancelled). Fetch handles may outlive the client (they go idle).
+// request and joins that thread: blocked callers get kCancelled, so does every GetChunksums
+// still waiting, and each Fetch that still had work gets Sink::Failed(kCancelled). Fetch handles
+// may outlive the client (they go idle).
 //
 // TLS: ca_file's certificates are trusted in addition to the system store (the system bundle and
 // the file are handed to libcurl together as one CA blob). Proxies: libcurl's HTTP(S)_PROXY /

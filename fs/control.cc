@@ -197,6 +197,11 @@ std::string Control::StatusJson() {
           {"parts", PartsJson(s.fetch.parts)},
           {"stalls", s.fetch.stalls},
           {"splits", s.fetch.splits},
+          {"chunks",
+           {{"total", s.chunks},
+            {"verified", s.chunks_verified},
+            {"refetched", s.chunk_refetches},
+            {"distrusted", s.chunks_distrusted}}},
           {"last_error", !s.last_error.empty() ? s.last_error : s.fetch.last_error},
           {"models", names[digest]},
       };

@@ -6,14 +6,14 @@
 #include <string_view>
 
 #include "fuzz/fuzz_check.h"
-#include "manifest/chunksums.h"
+#include "fetch/chunksums.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 8) return 0;
   uint64_t blob_size;
   std::memcpy(&blob_size, data, 8);
   std::string_view text(reinterpret_cast<const char*>(data + 8), size - 8);
-  auto chunks = modelfs::manifest::ParseChunksums(text, blob_size);
+  auto chunks = modelfs::fetch::ParseChunksums(text, blob_size);
   if (chunks.ok()) {
     uint64_t next = 0;
     for (const auto& c : *chunks) {

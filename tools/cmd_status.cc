@@ -49,7 +49,8 @@ void PrintHuman(const Json& s) {
     std::cout << "no blobs in flight\n";
     return;
   }
-  std::vector<std::vector<std::string>> rows = {{"BLOB", "STATE", "PRESENT", "HASHED", "RATE",
+  std::vector<std::vector<std::string>> rows = {{"BLOB", "STATE", "PRESENT", "HASHED", "CHUNKS",
+                                                 "RATE",
                                                  "PARTS", "SLOW", "RETRIES", "STALLS", "MODELS",
                                                  "LAST ERROR"}};
   for (const Json& b : blobs) {
@@ -58,9 +59,16 @@ void PrintHuman(const Json& s) {
     std::string models;
     for (const Json& m : b["models"]) models += (models.empty() ? "" : ",") + m.get<std::string>();
     uint64_t rate = b.value("rate_bytes_per_s", uint64_t{0});
+    // "12/40 verified", with re-fetched bad chunks, or why the chunk digests were dropped.
+    std::string chunks = "-";
+    if (const Json ch = b.value("chunks", Json::object()); ch.value("total", 0) > 0) {
+      chunks = std::to_string(ch.value("verified", 0)) + "/" + std::to_string(ch.value("total", 0));
+      if (int r = ch.value("refetched", 0); r > 0) chunks += " " + std::to_string(r) + " bad";
+      if (ch.value("distrusted", false)) chunks += " distrusted";
+    }
     rows.push_back({digest.substr(digest.find(':') + 1, 12), b.value("state", "?"),
                     HumanBytes(present) + "/" + HumanBytes(size) + " " + Percent(present, size),
-                    Percent(b.value("hash_frontier", uint64_t{0}), size),
+                    Percent(b.value("hash_frontier", uint64_t{0}), size), chunks,
                     rate ? HumanBytes(rate) + "/s" : "-",
                     std::to_string(b.value("parts_in_flight", 0)),
                     std::to_string(b.value("slow_refetches", 0)),

@@ -62,7 +62,7 @@ const std::set<std::string> kValueOptions = {
     "metrics",
     "registry", "cache", "concurrency", "part_size", "credentials", "ca_file", "stall_timeout",
     "log_level", "verify", "uid", "gid", "umask", "max_threads", "proxy", "request_timeout",
-    "mirror", "cache_max"};
+    "mirror", "cache_max", "chunksums"};
 const std::set<std::string> kBoolOptions = {"allow_other", "default_permissions", "insecure",
                                             "lazy", "foreground", "debug"};
 
@@ -196,6 +196,11 @@ StatusOr<MountConfig> BuildConfig(const Settings& s, const std::string& mountpoi
   }
   c.cache.strict = verify == "strict";
   c.cache.lazy = on("lazy");
+  std::string chunksums = get("chunksums", "on");
+  if (chunksums != "on" && chunksums != "off") {
+    return InvalidArgument("--chunksums must be on or off");
+  }
+  c.cache.chunksums = chunksums == "on";
 
   c.mount.mountpoint = mountpoint;
   c.mount.foreground = on("foreground");
@@ -330,7 +335,7 @@ int Main(int argc, char** argv) {
       "mount", "Mount a registry: MOUNTPOINT/<model>[:tag]/model.gguf and friends.");
   std::string mountpoint;
   std::optional<std::string> registry, cache_dir, concurrency, part_size, credentials, ca_file,
-      stall_timeout, log_level, verify, cache_max, metrics, proxy;
+      stall_timeout, log_level, verify, cache_max, metrics, proxy, chunksums;
   bool foreground = false, insecure = false, lazy = false, allow_other = false, debug = false;
   std::vector<std::string> groups;
   std::vector<std::string> mirrors;
@@ -358,7 +363,11 @@ int Main(int argc, char** argv) {
   mount->add_flag("--insecure", insecure, "Do not verify TLS certificates (digests still are)");
   mount->add_flag("--lazy", lazy, "Fetch only what is read, no whole-blob background fetch");
   mount->add_option("--verify", verify,
-                    "default: serve bytes as they arrive; strict: only after the digest matched");
+                    "default: serve bytes as they arrive; strict: only after the digest matched "
+                    "(the blob's, or the chunk's where the registry publishes chunk digests)");
+  mount->add_option("--chunksums", chunksums,
+                    "on: verify each chunk as it lands where the registry publishes Ollama "
+                    "chunk digests, and re-fetch only a bad chunk (default); off: never ask");
   mount->add_option("--mirror", mirrors,
                     "Registry mirror (pull-through cache) tried before --registry, in order; "
                     "repeatable. A mirror that fails or lacks a blob falls through to the next, "
@@ -373,7 +382,7 @@ int Main(int argc, char** argv) {
                     "Mount options, comma-separated: every flag above as name=value or name "
                     "(cache=DIR, part_size=64M, concurrency=N, stall_timeout=10s, registry=URL, "
                     "credentials=FILE, ca_file=FILE, proxy=URL, request_timeout=30s, insecure, "
-                    "lazy, verify=strict, "
+                    "lazy, verify=strict, chunksums=off, "
                     "log_level=LEVEL, allow_other, default_permissions, uid=N, gid=N, "
                     "umask=022, max_threads=N, foreground, mirror=URL (repeatable, or URL1|URL2))")
       ->take_all();
@@ -417,6 +426,7 @@ int Main(int argc, char** argv) {
     set("log_level", log_level);
     set("metrics", metrics);
     set("verify", verify);
+    set("chunksums", chunksums);
     if (!mirrors.empty()) {
       std::string joined;
       for (const auto& m : mirrors) joined += (joined.empty() ? "" : "|") + m;

@@ -1,11 +1,11 @@
-#include "manifest/chunksums.h"
+#include "fetch/chunksums.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
 #include <vector>
 
-namespace modelfs::manifest {
+namespace modelfs::fetch {
 namespace {
 
 const std::string kA = "sha256:" + std::string(64, 'a');
@@ -26,6 +26,14 @@ TEST(ChunksumsTest, AcceptsCrlfAndNoTrailingNewline) {
   EXPECT_TRUE(ParseChunksums(kA + " 0-9\r\n" + kB + " 10-14", 15).ok());
 }
 
+TEST(ChunksumsTest, AcceptsRunsOfBlanksBetweenAndAfterTheFields) {
+  auto c = ParseChunksums(kA + "  \t 0-9 \t\n" + kB + "\t10-14  \r\n", 15);
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  ASSERT_EQ(c->size(), 2u);
+  EXPECT_EQ((*c)[1].begin, 10u);
+  EXPECT_EQ((*c)[1].digest.ToString(), kB);
+}
+
 TEST(ChunksumsTest, EmptyBlobHasNoChunks) {
   auto c = ParseChunksums("", 0);
   ASSERT_TRUE(c.ok());
@@ -43,10 +51,20 @@ TEST(ChunksumsTest, RejectsGapsOverlapsAndShortCoverage) {
 
 TEST(ChunksumsTest, RejectsMalformedLines) {
   for (const std::string& bad : std::vector<std::string>{
-           kA + " 0-", kA + " -9", kA + " 9-0", kA + "  0-9", kA + " 0-9 x", kA + " +0-9",
-        kA + " 00-9", kA + " 0-99999999999999999999999", "sha512:" + std::string(128, 'a') + " 0-9",
-        "sha256:abc 0-9", kA, kA + " 0-9\n\n", std::string("\n") + kA + " 0-9",
-        kA.substr(0, 20) + std::string(1, '\0') + kA.substr(21) + " 0-9"}) {
+           kA + " 0-", kA + " -9", kA + " 9-0", kA + " 0-9 x", kA + " +0-9", kA + " 00-9",
+           kA + " 0-99999999999999999999999", "sha512:" + std::string(128, 'a') + " 0-9",
+           "sha256:abc 0-9", kA, kA + " 0-9\n\n", std::string("\n") + kA + " 0-9",
+           kA.substr(0, 20) + std::string(1, '\0') + kA.substr(21) + " 0-9"}) {
+    EXPECT_FALSE(ParseChunksums(bad, 10).ok()) << bad;
+  }
+}
+
+TEST(ChunksumsTest, BlanksOnlyBetweenTheFieldsAndAtTheEnd) {
+  for (const std::string& bad : std::vector<std::string>{
+           " " + kA + " 0-9", "\t" + kA + " 0-9",        // leading
+           kA + " 0 -9", kA + " 0- 9", kA + "\t0-9\tx",  // inside the range, extra field
+           kA + "\v0-9", kA + " 0-9\r ",                 // other whitespace, blank after \r
+           kA + " 0-9\n \t", kA + " 0-9\n \n"}) {        // a line of blanks
     EXPECT_FALSE(ParseChunksums(bad, 10).ok()) << bad;
   }
 }
@@ -58,4 +76,4 @@ TEST(ChunksumsTest, ErrorsNameTheLine) {
 }
 
 }  // namespace
-}  // namespace modelfs::manifest
+}  // namespace modelfs::fetch

@@ -1,10 +1,12 @@
-#include "manifest/chunksums.h"
+#include "fetch/chunksums.h"
 
 #include <limits>
 #include <string>
 
-namespace modelfs::manifest {
+namespace modelfs::fetch {
 namespace {
+
+constexpr std::string_view kBlanks = " \t";
 
 // Decimal digits only, no sign, no leading zero unless the number is "0", no overflow.
 bool ParseOffset(std::string_view s, uint64_t* out) {
@@ -37,14 +39,18 @@ StatusOr<std::vector<Chunk>> ParseChunksums(std::string_view text, uint64_t blob
     std::string_view line = text.substr(0, nl);
     text.remove_prefix(nl == std::string_view::npos ? text.size() : nl + 1);
     if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    // Ollama documents the pairs as "whitespace-separated": blanks may pad the separator and end
+    // of a line, never its start.
+    line = line.substr(0, line.find_last_not_of(kBlanks) + 1);  // npos + 1 == 0
     // A final "\n" ends the loop before an empty line is seen, so any empty line is an error.
     if (line.empty()) return LineError(line_no, "empty line");
     if (chunks.size() >= kMaxChunks) return LineError(line_no, "too many chunks");
-    size_t sp = line.find(' ');
+    size_t sp = line.find_first_of(kBlanks);
     if (sp == std::string_view::npos) return LineError(line_no, "want '<digest> <start>-<end>'");
     auto digest = Digest::Parse(line.substr(0, sp));
     if (!digest.ok()) return LineError(line_no, "bad digest");
-    std::string_view range = line.substr(sp + 1);
+    // The line ends in a non-blank, so one follows the separator.
+    std::string_view range = line.substr(line.find_first_not_of(kBlanks, sp));
     size_t dash = range.find('-');
     uint64_t first = 0, last = 0;
     if (dash == std::string_view::npos || !ParseOffset(range.substr(0, dash), &first) ||
@@ -70,4 +76,4 @@ StatusOr<std::vector<Chunk>> ParseChunksums(std::string_view text, uint64_t blob
   return chunks;
 }
 
-}  // namespace modelfs::manifest
+}  // namespace modelfs::fetch

@@ -3,9 +3,11 @@
 //
 //   sha256:<64 hex> <start>-<end>
 //
-// <start> and <end> are decimal byte offsets, <end> inclusive. The chunks must be contiguous and
-// in order, start at 0 and cover the blob exactly ([0, blob_size)); a blank final line (a
-// trailing "\n") and "\r\n" line ends are accepted, nothing else is (no comments, no extra
+// <start> and <end> are decimal byte offsets, <end> inclusive. The two fields are separated by
+// one or more spaces or tabs, and spaces or tabs before the line end are ignored (Ollama calls
+// the pairs "whitespace-separated"). The chunks must be contiguous and in order, start at 0 and
+// cover the blob exactly ([0, blob_size)); a blank final line (a trailing "\n") and "\r\n" line
+// ends are accepted, nothing else is (no leading blanks, no blank lines, no comments, no extra
 // fields, no leading zeros beyond "0", no signs). A registry is untrusted, so the parser bounds
 // its work: at most kMaxChunks lines, and it never allocates more than the input implies.
 //
@@ -20,7 +22,7 @@
 #include "base/digest.h"
 #include "base/status.h"
 
-namespace modelfs::manifest {
+namespace modelfs::fetch {
 
 inline constexpr size_t kMaxChunks = 1u << 20;
 
@@ -34,4 +36,4 @@ struct Chunk {
 // has no chunks (the text must then be empty).
 StatusOr<std::vector<Chunk>> ParseChunksums(std::string_view text, uint64_t blob_size);
 
-}  // namespace modelfs::manifest
+}  // namespace modelfs::fetch

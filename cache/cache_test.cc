@@ -802,11 +802,12 @@ TEST_F(CacheTest, ChunksAgreeingWithBadBytesFallBackToPieceRepair) {
   ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
   EXPECT_TRUE(blob->GetStatus().chunks_distrusted);
   EXPECT_NE(blob->GetStatus().condition.find("repairing"), std::string::npos);
-  for (size_t i = 0; i < 3 && blob->GetStatus().state == BlobState::kFetching; ++i) {
-    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1; }));
+  auto verified = [&] { return blob->GetStatus().state == BlobState::kVerified; };
+  for (size_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1 || verified(); }));
+    if (verified()) break;
     const ByteRange r = fetcher_.refetches(where.digest)[i];
     ASSERT_TRUE(WritePart(data, where.digest, static_cast<int>(r.begin / kPart)).ok());
-    Impl(blob)->SyncWorkerForTest();
   }
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
   EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);

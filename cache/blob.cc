@@ -331,6 +331,7 @@ Status BlobImpl::AcquireLocked() {
 void BlobImpl::LoadStateLocked() {
   const std::string what = "state file for " + where_.digest.Short();
   RangeSet present, verified;
+  std::map<uint64_t, PartialState::Suspect> suspects;
   uint64_t frontier = 0;
   Sha256 sha;
   std::map<uint64_t, Sha256> checkpoints;
@@ -353,6 +354,7 @@ void BlobImpl::LoadStateLocked() {
       RangeSet data = DataIn(fd, r.begin, r.end);
       for (const ByteRange& d : data.Ranges()) present.Add(d);
     }
+    suspects = st->suspects;
     verified = st->verified;  // only what is still present (holes were dropped above)
     for (const ByteRange& r : st->verified.Ranges()) {
       for (const ByteRange& hole : present.Missing(r.begin, r.end)) verified.Remove(hole.begin, hole.end);
@@ -390,6 +392,14 @@ void BlobImpl::LoadStateLocked() {
   std::lock_guard<std::mutex> l(mu_);
   present_ = std::move(present);
   verified_ = std::move(verified);
+  const uint64_t piece = PieceSize();
+  const size_t pieces = static_cast<size_t>((where_.size + piece - 1) / piece);
+  trouble_.assign(pieces, 0);
+  runs_.assign(pieces, 0);
+  for (const auto& [off, x] : suspects) {  // saved with this or another piece size
+    trouble_[off / piece] += x.troubles;
+    runs_[off / piece] += x.runs;
+  }
   frontier_ = frontier;
   dirty_ = false;
   unpersisted_bytes_ = 0;
@@ -853,6 +863,16 @@ void BlobImpl::FinishLocked() {
   {
     std::lock_guard<std::mutex> l(mu_);
     fd = fd_.get();
+    // A chunk re-fetched byte for byte the same, in a blob whose digest matched: its chunk
+    // digest is wrong (the re-check may not have run yet; the commit does not wait for it).
+    for (size_t i = 0; ChunksTrustedLocked() && i < chunks_.size(); ++i) {
+      const ChunkInfo& c = chunks_[i];
+      if (c.state != ChunkState::kVerified && c.refetches > 0 && !c.changed) {
+        DistrustChunksLocked("chunk " + std::to_string(i) +
+                             " came back from the registry byte for byte the same and the "
+                             "blob's digest matched");
+      }
+    }
   }
   const int partial = core_->partial_fd.get(), blobs = core_->blobs_fd.get();
   // Data durable before the name says "complete"; the open fd keeps working across the rename.
@@ -1353,6 +1373,10 @@ void BlobImpl::MaybePersistLocked(bool force) {
     // the state never claims bytes that are not on disk.
     s->present = present_;
     s->verified = verified_;
+    // A crash must not lose which pieces to re-fetch first if the digest does not match.
+    for (size_t i = 0; i < trouble_.size(); ++i) {
+      if (trouble_[i] != 0 || runs_[i] != 0) s->suspects[i * PieceSize()] = {trouble_[i], runs_[i]};
+    }
     dirty_ = false;
     unpersisted_bytes_ = 0;
     fd = fd_.get();

@@ -678,6 +678,41 @@ TEST_F(CacheTest, RepairAfterARestartUsesSavedCheckpoints) {
   EXPECT_EQ(Impl(blob)->BytesHashedForTest(), kPart + 2 * kPart) << "piece 3, then 2 and 3 again";
 }
 
+// The repair ranking survives a restart: the piece whose transfer had trouble before the crash
+// is still re-fetched first.
+TEST_F(CacheTest, RepairAfterARestartStartsWithSavedSuspects) {
+  const std::string data = RandomBytes(6 * kPart, 24);
+  const auto where = Where(data);
+  CacheOptions opt;
+  opt.piece_size = kPart;
+  std::string bad = data;
+  bad[4 * kPart + 100] ^= 0x20;
+  {
+    auto cache = OpenCache(opt);
+    auto blob = Open(cache.get(), where);
+    blob->Materialize();
+    for (int p : {0, 1, 2, 3}) ASSERT_TRUE(WritePart(data, where.digest, p).ok());
+    ASSERT_TRUE(
+        fetcher_.Write(where.digest, 4 * kPart, std::string_view(bad).substr(4 * kPart, kPart / 2))
+            .ok());
+    fetcher_.set_retries(1);  // piece 4's transfer broke off and was retried
+    const uint64_t half = 4 * kPart + kPart / 2;
+    ASSERT_TRUE(
+        fetcher_.Write(where.digest, half, std::string_view(bad).substr(half, kPart / 2)).ok());
+    Impl(blob)->SyncWorkerForTest();
+  }
+  fetcher_.set_retries(0);
+  auto cache = OpenCache(opt);
+  auto blob = Open(cache.get(), where);
+  blob->Materialize();
+  ASSERT_TRUE(WritePart(data, where.digest, 5).ok());
+  ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
+  EXPECT_EQ(fetcher_.refetches(where.digest)[0], (ByteRange{4 * kPart, 5 * kPart}));
+  ASSERT_TRUE(WritePart(data, where.digest, 4).ok());
+  ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
+  EXPECT_EQ(fetcher_.refetches(where.digest).size(), 1u);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Chunk digests
 

@@ -68,6 +68,10 @@ std::string EncodeState(const PartialState& s) {
   for (const ByteRange& r : s.verified.Ranges()) {
     out += "verified " + std::to_string(r.begin) + " " + std::to_string(r.end) + "\n";
   }
+  for (const auto& [offset, x] : s.suspects) {
+    out += "suspect " + std::to_string(offset) + " " + std::to_string(x.troubles) + " " +
+           std::to_string(x.runs) + "\n";
+  }
   out += "checksum " + Sha256::Of(out).Hex() + "\n";
   return out;
 }
@@ -167,6 +171,19 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
   };
   RETURN_IF_ERROR(ranges("range", &s.present));
   RETURN_IF_ERROR(ranges("verified", &s.verified));
+  for (; i < lines.size(); ++i) {
+    std::string_view rest;
+    if (!Field(lines[i], "suspect", &rest)) break;
+    const size_t a = rest.find(' '), b = a == std::string_view::npos ? a : rest.find(' ', a + 1);
+    uint64_t off, troubles, runs;
+    if (b == std::string_view::npos || !ParseU64(rest.substr(0, a), &off) ||
+        !ParseU64(rest.substr(a + 1, b - a - 1), &troubles) || !ParseU64(rest.substr(b + 1), &runs) ||
+        off >= size || troubles > UINT32_MAX || runs > UINT32_MAX || troubles + runs == 0 ||
+        (!s.suspects.empty() && off <= s.suspects.rbegin()->first)) {
+      return DataLoss("state file: bad suspect line");
+    }
+    s.suspects[off] = {static_cast<uint32_t>(troubles), static_cast<uint32_t>(runs)};
+  }
   if (i != lines.size()) return DataLoss("state file: unexpected line");
   for (const ByteRange& r : s.verified.Ranges()) {
     if (!s.present.Contains(r.begin, r.end)) {

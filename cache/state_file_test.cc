@@ -22,6 +22,8 @@ PartialState Sample() {
   s.checkpoints[32] = h32.SaveState();
   s.verified.Add(0, 100);
   s.verified.Add(550, 600);
+  s.suspects[0] = {0, 2};
+  s.suspects[512] = {3, 1};
   return s;
 }
 
@@ -47,6 +49,7 @@ TEST(StateFileTest, RoundTrips) {
   EXPECT_EQ(got->sha_state, s.sha_state);
   EXPECT_EQ(got->checkpoints, s.checkpoints);
   EXPECT_EQ(got->verified, s.verified);
+  EXPECT_EQ(got->suspects, s.suspects);
 }
 
 TEST(StateFileTest, ReadsVersionOneWithoutCheckpoints) {
@@ -142,6 +145,12 @@ TEST(StateFileTest, RejectsInconsistentContents) {
       DecodeState(Resign(Replace(text, "frontier 64", "frontier 6x")), s.digest, s.size).ok());
   EXPECT_FALSE(
       DecodeState(Resign(Replace(text, "checksum", "junk\nchecksum")), s.digest, s.size).ok());
+  // Suspects past the end, out of order, all zero, or malformed.
+  for (const char* bad : {"suspect 1000 3 1", "suspect 0 3 1", "suspect 512 0 0", "suspect 512 3",
+                          "suspect 512 3 x", "suspect 512 99999999999 1"}) {
+    EXPECT_FALSE(DecodeState(Resign(Replace(text, "suspect 512 3 1", bad)), s.digest, s.size).ok())
+        << bad;
+  }
   // Verified bytes that are not present, out of order, or before the range lines.
   EXPECT_FALSE(DecodeState(Resign(Replace(text, "verified 550 600", "verified 550 701")), s.digest,
                            s.size)

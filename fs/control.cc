@@ -107,30 +107,9 @@ void Control::SampleLocked() {
   for (auto& [digest, t] : tracked_) t.live = false;
   int fetching = 0, parts = 0;
   for (cache::BlobStatus& s : live) {
-    Tracked& t = tracked_[s.digest];
-    const fetch::FetchStats& f = s.fetch;
-    g_requested.Add(Delta(f.bytes_requested, t.counted.bytes_requested));
-    for (const auto& [cause, n] : f.retries_by_cause) {
-      auto before = t.counted.retries_by_cause.find(cause);
-      Retries(cause).Add(
-          Delta(n, before == t.counted.retries_by_cause.end() ? 0 : before->second));
-    }
-    g_stalls.Add(Delta(f.stalls, t.counted.stalls));
-    g_slow.Add(Delta(f.slow_refetches, t.counted.slow_refetches));
-    t.counted = f;
-    if (s.state == cache::BlobState::kFailed && !t.mismatch_counted &&
-        s.last_error.find("digest mismatch") != std::string::npos) {
-      t.mismatch_counted = true;
-      g_mismatch.Add();
-    }
     if (s.state == cache::BlobState::kFetching) ++fetching;
-    parts += f.parts_in_flight;
-    t.history.emplace_back(now, s.bytes_present);
-    while (t.history.size() > 2 && now - t.history.front().first > kRateWindow) {
-      t.history.pop_front();
-    }
-    t.status = std::move(s);
-    t.live = true;
+    parts += s.fetch.parts_in_flight;
+    UpdateLocked(std::move(s), now);
   }
   g_in_flight.Set(fetching);
   g_parts.Set(parts);
@@ -156,6 +135,36 @@ void Control::SampleLocked() {
     }
     ++it;
   }
+}
+
+void Control::UpdateLocked(cache::BlobStatus s, Clock::time_point now) {
+  Tracked& t = tracked_[s.digest];
+  const fetch::FetchStats& f = s.fetch;
+  g_requested.Add(Delta(f.bytes_requested, t.counted.bytes_requested));
+  for (const auto& [cause, n] : f.retries_by_cause) {
+    auto before = t.counted.retries_by_cause.find(cause);
+    Retries(cause).Add(
+        Delta(n, before == t.counted.retries_by_cause.end() ? 0 : before->second));
+  }
+  g_stalls.Add(Delta(f.stalls, t.counted.stalls));
+  g_slow.Add(Delta(f.slow_refetches, t.counted.slow_refetches));
+  t.counted = f;
+  if (s.state == cache::BlobState::kFailed && !t.mismatch_counted &&
+      s.last_error.find("digest mismatch") != std::string::npos) {
+    t.mismatch_counted = true;
+    g_mismatch.Add();
+  }
+  t.history.emplace_back(now, s.bytes_present);
+  while (t.history.size() > 2 && now - t.history.front().first > kRateWindow) {
+    t.history.pop_front();
+  }
+  t.status = std::move(s);
+  t.live = true;
+}
+
+void Control::Observe(cache::BlobStatus s) {
+  std::lock_guard<std::mutex> l(mu_);
+  UpdateLocked(std::move(s), Clock::now());
 }
 
 double Control::RateLocked(const Tracked& t) const {

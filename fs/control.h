@@ -71,6 +71,9 @@ class Control {
   // Contents of a kGenerated file, made now.
   StatusOr<std::string> Generate(const std::vector<std::string>& path);
 
+  // Records a blob's status now (at open and close), so one opened and closed between two
+  // samples is still listed.
+  void Observe(cache::BlobStatus s);
   std::string StatusJson();
   std::string MetricsText();
   // The user.modelfs.* attributes of a blob, without opening it (no fetch, no partial file).
@@ -94,6 +97,8 @@ class Control {
   };
 
   void SampleLocked();  // REQUIRES: mu_ held
+  // Records one live blob's status (metrics deltas, rate history).
+  void UpdateLocked(cache::BlobStatus s, Clock::time_point now);  // REQUIRES: mu_ held
   void Run();
   std::shared_ptr<const OllamaIndex> Index(bool fresh);
   double RateLocked(const Tracked& t) const;  // REQUIRES: mu_ held

@@ -152,8 +152,10 @@ class ModelFs {
       file->blob->Materialize();
       // The kernel keeps a verified blob's pages across opens, but only once an open after the
       // verification has dropped whatever it cached before (bytes that a repair replaced).
-      const bool verified = file->blob->GetStatus().state == cache::BlobState::kVerified;
-      fi->keep_cache = verified && n->page_cache_clean.exchange(true);
+      cache::BlobStatus status = file->blob->GetStatus();
+      fi->keep_cache = status.state == cache::BlobState::kVerified &&
+                       n->page_cache_clean.exchange(true);
+      if (control_ != nullptr) control_->Observe(std::move(status));
     } else {
       fi->keep_cache = 1;
     }
@@ -202,7 +204,11 @@ class ModelFs {
     });
   }
 
-  void Release(fuse_file_info* fi) { delete reinterpret_cast<OpenFile*>(fi->fh); }
+  void Release(fuse_file_info* fi) {
+    auto* file = reinterpret_cast<OpenFile*>(fi->fh);
+    if (file->blob && control_ != nullptr) control_->Observe(file->blob->GetStatus());
+    delete file;
+  }
 
   void OpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     const Node* n = Get(ino);

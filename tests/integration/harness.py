@@ -12,7 +12,11 @@ Import it from tests (sys.path must include tests/integration):
 Registry(proxy_remote_url=URL) runs a pull-through cache of URL instead of a plain registry.
 Registry(htpasswd={"user": "pw"}) turns on basic auth (needs bcrypt from libxcrypt via crypt).
 Registry(token_auth=TokenServer(users=...)) turns on Bearer token auth (needs the openssl CLI).
-Registry(cdn=True) makes blob GET/HEAD answer 307 to a local CdnServer (Range, fault injection).
+Registry(cdn=True) makes blob GET/HEAD answer 307 to a local CdnServer (Range, fault injection);
+FaultyCdn(reg.cdn) takes it over to flip a byte, hold ranges, and count bytes served (and served
+twice). ChunksumsFront(reg.url) sits in front of a registry, answers Ollama's
+/v2/<repo>/chunksums/<digest> for the digests a test sets (chunksums_text(path, chunk_size)
+makes the real list) and relays everything else unchanged.
 Registry(tls=(cert, key, ca)) serves https with that certificate (see make_tls_cert); url is then
 https://127.0.0.1:PORT. TokenServer(tls=...) likewise serves its realm over https.
 Nothing here uses a fixed port or leaves a process behind: Registry.stop() (or leaving the
@@ -437,6 +441,12 @@ class CdnServer:
             def log_message(self, *a):
                 pass
 
+            def handle_one_request(self):
+                try:
+                    super().handle_one_request()
+                except (BrokenPipeError, ConnectionResetError):  # a client dropped us: fine
+                    self.close_connection = True
+
             def do_GET(self):
                 server._handle(self, body=True)
 
@@ -517,6 +527,436 @@ class CdnServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class FaultyCdn:
+    """Takes over a CdnServer's handler (`FaultyCdn(Registry(cdn=True).cdn)`): Range GETs of files
+    under its root, counting the body bytes actually sent, with faults armed by the test.
+
+    arm(flip_at, cut_after=None)  resets the counters; the first response whose range covers
+                                  byte `flip_at` has that byte flipped (xor 1); with cut_after,
+                                  that response is closed `cut_after` bytes past the flip.
+                                  arm(None) arms nothing.
+    hold(start, end, ...)         responses overlapping [start, end] (inclusive) wait before
+                                  their headers until release() (or `timeout` s). With
+                                  within=True only ranges entirely inside [start, end] are held;
+                                  with refetch_only=True only requests for bytes every one of
+                                  which was served before (re-fetches).
+    Counters: .sent (body bytes written), .duplicate (bytes of a file written that had already
+    been written once since arm(): what the client downloaded twice), .requests (Served records
+    in arrival order), sent_since(t) / duplicate_since(t) for requests that arrived at or after
+    `t`, in seconds of the local day (the daemon's log timestamps). A response the client closed
+    early is marked .aborted: the bytes it had in flight (socket buffers) count as sent but may
+    never have reached the client.
+    Safe for concurrent use (the CDN serves each request on its own thread).
+    """
+
+    class Served:
+        __slots__ = ("start", "end", "sent", "arrival", "duplicate", "aborted", "held")
+
+        def __init__(self, start, end, arrival):
+            self.start, self.end, self.arrival = start, end, arrival
+            self.sent = self.duplicate = 0
+            self.aborted = self.held = False
+
+        def __repr__(self):
+            return "Served(%d-%d sent=%d dup=%d at=%.6f%s%s)" % (
+                self.start, self.end, self.sent, self.duplicate, self.arrival,
+                " aborted" if self.aborted else "", " held" if self.held else "")
+
+    def __init__(self, cdn):
+        import threading
+        self.cdn = cdn
+        self.lock = threading.Lock()
+        self._hold = None  # (start, end, within, refetch_only, event, deadline (monotonic))
+        self.waiting = 0   # requests waiting on a hold right now
+        self.arm(None)
+        cdn._handle = self._handle
+
+    def arm(self, flip_at, cut_after=None):
+        with self.lock:
+            self.sent, self.flip_at, self.cut_after, self.fired = 0, flip_at, cut_after, False
+            self.duplicate = 0
+            self.requests = []
+            self._served = {}  # file -> sorted disjoint [start, end) lists of bytes written
+
+    def hold(self, start, end, within=False, refetch_only=False, timeout=60):
+        import threading
+        with self.lock:
+            if self._hold is not None:
+                self._hold[4].set()
+            self._hold = (start, end, within, refetch_only, threading.Event(),
+                          time.monotonic() + timeout)
+
+    def release(self):
+        """Lets every held response go, and holds no more. Idempotent."""
+        with self.lock:
+            if self._hold is not None:
+                self._hold[4].set()
+            self._hold = None
+
+    def holding(self):
+        """True while a hold is set and has not timed out or been released."""
+        with self.lock:
+            return (self._hold is not None and not self._hold[4].is_set()
+                    and time.monotonic() < self._hold[5])
+
+    def held(self):
+        """The Served records of requests that were (or are being) held."""
+        with self.lock:
+            return [r for r in self.requests if r.held]
+
+    def sent_since(self, seconds_of_day):
+        with self.lock:
+            return sum(r.sent for r in self.requests if r.arrival >= seconds_of_day)
+
+    def duplicate_since(self, seconds_of_day):
+        with self.lock:
+            return sum(r.duplicate for r in self.requests if r.arrival >= seconds_of_day)
+
+    def aborted_bytes(self):
+        """Body bytes written to responses the client closed before their end (an upper bound
+        on what was in flight, unread, when it gave them up)."""
+        with self.lock:
+            return sum(r.sent for r in self.requests if r.aborted)
+
+    def _count(self, full, record, a, b):
+        """Records bytes [a, b) of file `full` as written by `record`'s response, counting those
+        written before as duplicates."""
+        with self.lock:
+            spans = self._served.setdefault(full, [])
+            seen = sum(max(0, min(b, e) - max(a, s)) for s, e in spans)
+            merged, lo, hi = [], a, b
+            for s, e in spans:
+                if e < lo or s > hi:
+                    merged.append([s, e])
+                else:
+                    lo, hi = min(lo, s), max(hi, e)
+            merged.append([lo, hi])
+            merged.sort()
+            self._served[full] = merged
+            self.sent += b - a
+            self.duplicate += seen
+            record.sent += b - a
+            record.duplicate += seen
+
+    def _handle(self, req, body):
+        import datetime
+        path = urllib.parse.unquote(urllib.parse.urlsplit(req.path).path)
+        full = os.path.realpath(os.path.join(self.cdn.root, path.lstrip("/")))
+        if not full.startswith(self.cdn.root + os.sep) or not os.path.isfile(full):
+            req.send_response(404)
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        size = os.path.getsize(full)
+        start, end = 0, size - 1
+        m = re.match(r"^bytes=(\d+)-(\d*)$", (req.headers.get("Range") or "").strip())
+        if m:
+            start = int(m.group(1))
+            end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        if start > end:
+            req.send_response(416)
+            req.send_header("Content-Range", "bytes */%d" % size)
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        now = datetime.datetime.now()
+        record = self.Served(start, end, now.hour * 3600 + now.minute * 60 + now.second +
+                             now.microsecond / 1e6)
+        gate = None
+        with self.lock:
+            self.requests.append(record)
+            fault = (not self.fired and self.flip_at is not None and start <= self.flip_at <= end)
+            if fault:
+                self.fired = True
+            h = self._hold
+            if h is not None and not h[4].is_set() and (
+                    not h[3] or sum(max(0, min(end + 1, e) - max(start, s))
+                                    for s, e in self._served.get(full, ())) == end + 1 - start):
+                lo, hi, within = h[0], h[1], h[2]
+                if (lo <= start and end <= hi) if within else (start <= hi and lo <= end):
+                    gate, record.held = h, True
+                    self.waiting += 1
+        if gate is not None:
+            gate[4].wait(max(0.0, gate[5] - time.monotonic()))
+            with self.lock:
+                self.waiting -= 1
+        req.send_response(206 if m else 200)
+        if m:
+            req.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
+        req.send_header("Content-Length", str(end - start + 1))
+        req.end_headers()
+        if not body:
+            return
+        limit = end + 1
+        if fault and self.cut_after is not None:
+            limit = min(limit, self.flip_at + self.cut_after)
+        pos = start
+        try:
+            with open(full, "rb") as f:
+                f.seek(start)
+                while pos < limit:
+                    chunk = bytearray(f.read(min(1 << 20, limit - pos)))
+                    if not chunk:
+                        break
+                    if fault and pos <= self.flip_at < pos + len(chunk):
+                        chunk[self.flip_at - pos] ^= 0x01
+                    req.wfile.write(chunk)
+                    self._count(full, record, pos, pos + len(chunk))
+                    pos += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            with self.lock:
+                record.aborted = True
+        if pos <= end:
+            req.close_connection = True
+
+
+def chunksums_lines(path, chunk_size):
+    """[(sha256 hex, start, end_inclusive)] for consecutive chunk_size chunks of a file (the last
+    one short), as a registry's chunksums endpoint would publish them."""
+    out = []
+    with open(path, "rb") as f:
+        start = 0
+        while True:
+            b = f.read(chunk_size)
+            if not b:
+                return out
+            out.append((hashlib.sha256(b).hexdigest(), start, start + len(b) - 1))
+            start += len(b)
+
+
+def chunksums_text(path, chunk_size=None, lines=None):
+    """The body of Ollama's `GET /v2/<repo>/chunksums/<digest>` for a file: one line per chunk,
+    `sha256:<64 hex> <start>-<end>` (decimal, end inclusive), each ending in "\\n". `lines` (from
+    chunksums_lines, perhaps edited) is used instead of hashing the file when given."""
+    if lines is None:
+        lines = chunksums_lines(path, chunk_size)
+    return "".join("sha256:%s %d-%d\n" % line for line in lines)
+
+
+class ChunksumsFront:
+    """A registry front that adds Ollama's chunksums endpoint to a registry that has none.
+
+    An HTTP/1.1 server on 127.0.0.1:<free port> (a thread per connection). A GET or HEAD of
+    `/v2/<repo>/chunksums/<digest>` for a digest given to set_chunksums() is answered here;
+    every other request (any method, including chunksums of other digests, which distribution
+    answers 404) is relayed to `upstream_url` (http only) on a fresh connection: method,
+    path and query, every end-to-end request header (Host, Authorization, Range, Accept, ...)
+    and the request body; then the status, every end-to-end response header (Location,
+    WWW-Authenticate, Content-Range, Docker-Content-Digest, Content-Length, ...) and the body,
+    streamed as it arrives. A response without Content-Length is re-chunked. Hop-by-hop
+    headers (Connection, Keep-Alive, Transfer-Encoding, TE, Trailer, Upgrade, Expect,
+    Proxy-*) are not forwarded. An unreachable upstream gives 502; an upstream that stops
+    mid-body gives a short body and a closed connection, as it would have.
+
+        with Registry(cdn=True) as reg, ChunksumsFront(reg.url) as front:
+            front.set_chunksums(digest, chunksums_text(path, 3 << 20))
+            front.set_chunksums(other, "garbage", status=500)
+            ... mount --registry front.url ...
+            front.chunksums_requests()          # [FrontRequest] asked of the chunksums route
+
+    .requests records every request (FrontRequest: method, path, headers as a list of pairs,
+    the status answered) in arrival order. Safe for concurrent use.
+    """
+
+    HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding",
+                            "te", "trailer", "trailers", "upgrade", "proxy-authenticate",
+                            "proxy-authorization", "expect"))
+    ROUTE = re.compile(r"^/v2/(?P<repo>.+)/chunksums/(?P<digest>[a-z0-9]+:[A-Za-z0-9=_-]+)$")
+
+    class FrontRequest:
+        __slots__ = ("method", "path", "headers", "status", "repo", "digest")
+
+        def __init__(self, method, path, headers):
+            self.method, self.path, self.headers, self.status = method, path, headers, None
+            route = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+            m = ChunksumsFront.ROUTE.match(route)
+            self.repo = m.group("repo") if m else None
+            self.digest = m.group("digest") if m else None
+
+        def header(self, name):
+            for k, v in self.headers:
+                if k.lower() == name.lower():
+                    return v
+            return None
+
+        def __repr__(self):
+            return "FrontRequest(%s %s -> %s)" % (self.method, self.path, self.status)
+
+    def __init__(self, upstream_url, timeout=60):
+        import http.server
+        import threading
+        u = urllib.parse.urlsplit(upstream_url)
+        if u.scheme != "http":
+            raise ValueError("ChunksumsFront relays to http:// only, not %s" % upstream_url)
+        self.upstream = (u.hostname, u.port or 80)
+        self.timeout = timeout
+        self.requests = []
+        self._replies = {}  # digest -> (status, body, content_type)
+        self._lock = threading.Lock()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def handle_one_request(self):
+                try:
+                    super().handle_one_request()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def _any(self):
+                front._handle(self)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_OPTIONS = _any
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    # -- what the test sets and reads -------------------------------------------------------
+
+    def set_chunksums(self, digest, text, status=200, content_type="text/plain; charset=utf-8"):
+        """Answer GET/HEAD /v2/*/chunksums/<digest> ("sha256:<hex>") with this status and
+        body (str or bytes) from now on, for any repository."""
+        body = text.encode() if isinstance(text, str) else bytes(text)
+        with self._lock:
+            self._replies[digest] = (status, body, content_type)
+
+    def clear_chunksums(self):
+        """Forget every set_chunksums(): all chunksums requests go upstream again (404)."""
+        with self._lock:
+            self._replies.clear()
+
+    def reset(self):
+        """Forgets the recorded requests and every set_chunksums()."""
+        with self._lock:
+            self._replies.clear()
+            self.requests = []
+
+    def chunksums_requests(self, digest=None):
+        with self._lock:
+            return [r for r in self.requests
+                    if r.digest is not None and (digest is None or r.digest == digest)]
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _handle(self, req):
+        record = self.FrontRequest(req.command, req.path, list(req.headers.items()))
+        with self._lock:
+            self.requests.append(record)
+            reply = (self._replies.get(record.digest)
+                     if record.digest is not None and req.command in ("GET", "HEAD") else None)
+        if reply is not None:
+            status, body, content_type = reply
+            record.status = status
+            self._read_body(req)
+            req.send_response(status)
+            req.send_header("Content-Type", content_type)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            if req.command != "HEAD":
+                req.wfile.write(body)
+            return
+        self._relay(req, record)
+
+    @staticmethod
+    def _read_body(req):
+        """The request body (Content-Length or chunked), or None when there is none."""
+        if "chunked" in (req.headers.get("Transfer-Encoding") or "").lower():
+            parts = []
+            while True:
+                line = req.rfile.readline(65537)
+                n = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if n == 0:
+                    while req.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(req.rfile.read(n))
+                req.rfile.readline(3)
+        length = req.headers.get("Content-Length")
+        if length is not None:
+            return req.rfile.read(int(length))
+        return None
+
+    def _relay(self, req, record):
+        import http.client
+        body = self._read_body(req)
+        conn = http.client.HTTPConnection(*self.upstream, timeout=self.timeout)
+        try:
+            try:
+                conn.putrequest(req.command, req.path, skip_host=True,
+                                skip_accept_encoding=True)
+                if req.headers.get("Host") is None:
+                    conn.putheader("Host", "%s:%d" % self.upstream)
+                for k, v in req.headers.items():
+                    if k.lower() not in self.HOP_BY_HOP and k.lower() != "content-length":
+                        conn.putheader(k, v)
+                if body is not None:
+                    conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                record.status = 502
+                msg = ("front: upstream %s:%d: %s\n" % (self.upstream + (e,))).encode()
+                req.send_response(502)
+                req.send_header("Content-Type", "text/plain")
+                req.send_header("Content-Length", str(len(msg)))
+                req.end_headers()
+                if req.command != "HEAD":
+                    req.wfile.write(msg)
+                return
+            record.status = resp.status
+            no_body = (req.command == "HEAD" or resp.status in (204, 304)
+                       or 100 <= resp.status < 200)
+            req.send_response_only(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in self.HOP_BY_HOP:
+                    req.send_header(k, v)
+            chunked = False
+            if not no_body and resp.getheader("Content-Length") is None:
+                if req.request_version == "HTTP/1.1":
+                    chunked = True
+                    req.send_header("Transfer-Encoding", "chunked")
+                else:  # HTTP/1.0 client: the body ends when the connection does
+                    req.send_header("Connection", "close")
+            req.end_headers()
+            if no_body:
+                return
+            try:
+                while True:
+                    data = resp.read1(1 << 16)
+                    if not data:
+                        break
+                    req.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                if chunked:
+                    req.wfile.write(b"0\r\n\r\n")
+            except (http.client.HTTPException, OSError) as e:
+                if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                    raise
+                req.close_connection = True  # upstream broke mid-body: so does this response
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return "ChunksumsFront(%s -> %s:%d)" % (self.url, self.upstream[0], self.upstream[1])
 
 
 class TokenServer:

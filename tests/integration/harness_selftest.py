@@ -10,12 +10,15 @@ Usage:
 Checks, in order: make-gguf is deterministic; a registry starts (and a broken one fails fast
 with its log); push-model works for docker, oci and oci-index (manifests fetched back with
 urllib: Content-Type, Docker-Content-Digest, body hash, layer and config blobs, Range 206);
-re-push skips existing blobs; basic auth and Bearer token auth pushes; a 300 MiB push; and the
+re-push skips existing blobs; basic auth and Bearer token auth pushes; a registry with a CDN; a
+ChunksumsFront (a push and pulls through it, chunksums answers, 401/502 relayed) and FaultyCdn
+(flip, duplicate count, holds); a pull-through proxy; a 300 MiB push; and the
 GGUF, also as fetched back from the registry, loads in node-llama-cpp with identical output
 twice. Prints one line per check with timings; exits 1 on the first failure.
 Not a pytest file on purpose (no pytest dependency); pytest tests import harness.py directly.
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -248,6 +251,110 @@ def main():
             check(harness.http_get(location)[0] == 200, "fault used once")
             again = harness.push_model(creg.url, "cdn/m:2", {"model": g1})
             check(not again["layers"][0]["uploaded"], "HEAD 307 must count as present")
+
+    with Step("ChunksumsFront: registry API relayed as is; chunksums served"):
+        with harness.Registry(cdn=True) as creg, harness.ChunksumsFront(creg.url) as front:
+            # A push through the front: POST/PATCH/PUT with bodies, Location headers, HEADs.
+            res = harness.push_model(front.url, "cs/m:1", {"model": g1})
+            digest = res["layers"][0]["digest"]
+            for ref in ("1", res["manifest_digest"]):
+                direct = get_manifest(creg, "cs/m", ref)
+                via = get_manifest(front, "cs/m", ref)
+                check(via[1] == direct[1], "manifest body differs through the front")
+                for k in ("Content-Type", "Docker-Content-Digest", "Content-Length", "Etag"):
+                    check(via[0][k] == direct[0][k], "manifest %s: %s != %s"
+                          % (k, via[0][k], direct[0][k]))
+            blob_path = "/v2/cs/m/blobs/%s" % digest
+            direct = harness.http_get(creg.url + blob_path, {"Range": "bytes=0-99"})
+            via = harness.http_get(front.url + blob_path, {"Range": "bytes=0-99"})
+            check(via[0] == direct[0] == 307 and via[0] == 307
+                  and via[1]["Location"] == direct[1]["Location"]
+                  and via[1]["Location"].startswith(creg.cdn.url), "307 through the front")
+            seen = front.requests[-1]
+            check(seen.method == "GET" and seen.path == blob_path
+                  and seen.header("Range") == "bytes=0-99" and seen.status == 307, seen)
+            status, h, part = harness.http_get(via[1]["Location"], {"Range": "bytes=10-19"})
+            check(status == 206 and part == open(g1, "rb").read()[10:20]
+                  and h["Content-Range"] == "bytes 10-19/%d" % os.path.getsize(g1), "CDN 206")
+            # Not set: relayed, and distribution has no such route.
+            cs_path = "/v2/cs/m/chunksums/%s" % digest
+            check(harness.http_get(front.url + cs_path)[0] == 404, "unset chunksums not 404")
+            text = harness.chunksums_text(g1, 3 << 20)
+            front.set_chunksums(digest, text)
+            status, h, body = harness.http_get(front.url + cs_path)
+            lines = body.decode().splitlines()
+            check(status == 200 and body.decode() == text and len(lines) == 3
+                  and lines[0] == "sha256:%s 0-%d" % (
+                      hashlib.sha256(open(g1, "rb").read()[:3 << 20]).hexdigest(), (3 << 20) - 1)
+                  and lines[-1].endswith("-%d" % (os.path.getsize(g1) - 1)), body[:300])
+            front.set_chunksums(digest, "garbage", status=500)
+            status, _, body = harness.http_get(front.url + cs_path)
+            check(status == 500 and body == b"garbage", "injected 500")
+            check(len(front.chunksums_requests(digest)) == 3
+                  and front.chunksums_requests()[0].repo == "cs/m", front.chunksums_requests())
+            # HEAD keeps Content-Length and sends no body; a chunked upstream reply is re-chunked
+            # (distribution's 404 bodies have a length; the manifest PUT above got 201).
+            import http.client
+            c = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+            c.request("HEAD", "/v2/cs/m/manifests/1", headers={"Accept": ACCEPT_ALL})
+            r = c.getresponse()
+            check(r.status == 200 and int(r.getheader("Content-Length")) > 0
+                  and r.read() == b"", "HEAD through the front")
+            c.request("GET", "/v2/cs/m/manifests/1", headers={"Accept": ACCEPT_ALL})
+            r = c.getresponse()  # same keep-alive connection after the HEAD
+            check(r.status == 200 and sha(r.read()) == res["tag_digest"], "keep-alive reuse")
+            c.close()
+        with harness.Registry(htpasswd={"alice": "s3cret"}) as areg, \
+                harness.ChunksumsFront(areg.url) as front:
+            status, h, _ = harness.http_get(front.url + "/v2/")
+            check(status == 401 and "Basic" in h["WWW-Authenticate"], "401 challenge relayed")
+            auth = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+            check(harness.http_get(front.url + "/v2/", {"Authorization": auth})[0] == 200,
+                  "Authorization relayed")
+        dead = harness.ChunksumsFront("http://127.0.0.1:%d" % harness.free_port())
+        try:
+            check(harness.http_get(dead.url + "/v2/")[0] == 502, "dead upstream -> 502")
+        finally:
+            dead.stop()
+
+    with Step("FaultyCdn: one flip, duplicates counted, holds until release"):
+        import threading
+        with harness.Registry(cdn=True) as creg:
+            res = harness.push_model(creg.url, "fc/m:1", {"model": g1})
+            cdn = harness.FaultyCdn(creg.cdn)
+            loc = harness.http_get("%s/v2/fc/m/blobs/%s" % (creg.url, res["layers"][0]["digest"])
+                                   )[1]["Location"]
+            data = open(g1, "rb").read()
+            cdn.arm(1000)
+            _, _, b = harness.http_get(loc, {"Range": "bytes=0-4095"})
+            check(len(b) == 4096 and b[1000] == data[1000] ^ 1 and b[:1000] == data[:1000],
+                  "flip")
+            _, _, b = harness.http_get(loc, {"Range": "bytes=0-4095"})
+            check(b == data[:4096] and cdn.sent == 8192 and cdn.duplicate == 4096, "once")
+            cdn.hold(1 << 20, (2 << 20) - 1)
+            got = {}
+            t = threading.Thread(target=lambda: got.update(
+                r=harness.http_get(loc, {"Range": "bytes=%d-%d" % (1 << 20, (1 << 20) + 9)})))
+            t.start()
+            harness.wait_until(lambda: cdn.waiting == 1, 10, "the request to be held")
+            check(harness.http_get(loc, {"Range": "bytes=0-9"})[2] == data[:10], "not held")
+            check(t.is_alive() and cdn.holding(), "released early")
+            cdn.release()
+            t.join(10)
+            check(got["r"][2] == data[1 << 20:(1 << 20) + 10] and not cdn.holding(), "held")
+            check([r.held for r in cdn.requests] == [False, False, True, False], cdn.requests)
+            cdn.hold(0, 8191, within=True, refetch_only=True)  # 4096-4199 were never served
+            check(harness.http_get(loc, {"Range": "bytes=4000-4199"})[2] == data[4000:4200]
+                  and harness.http_get(loc, {"Range": "bytes=0-9999"})[2] == data[:10000],
+                  "held a first fetch, or a range not within")
+            t = threading.Thread(target=lambda: got.update(
+                r=harness.http_get(loc, {"Range": "bytes=100-199"})))
+            t.start()
+            harness.wait_until(lambda: cdn.waiting == 1, 10, "the re-fetch to be held")
+            cdn.release()
+            t.join(10)
+            check(got["r"][2] == data[100:200]
+                  and [r.held for r in cdn.requests][-3:] == [False, False, True], cdn.requests)
 
     with Step("pull-through proxy: manifests and blobs via the proxy"):
         with harness.Registry() as up:

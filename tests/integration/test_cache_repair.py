@@ -1,13 +1,11 @@
 """Repair: a server flips one byte in one part's first response (and, in the second case, also
 cuts that response short so it is retried). The blob must still end with the right digest, and
-the repair must re-download parts, not the blob. Bytes served are counted by the server.
+the repair must re-download parts, not the blob. Bytes served are counted by the server
+(harness.FaultyCdn).
 """
-import datetime
 import hashlib
 import os
 import re
-import threading
-import urllib.parse
 
 import pytest
 
@@ -18,81 +16,6 @@ PART = 4 * MiB
 CONCURRENCY = 4
 
 
-class FaultyCdn:
-    """Replaces a CdnServer's handler: Range GETs of files under its root, counting the body
-    bytes actually sent, with one fault armed at a time (flip the byte at `flip_at` in the first
-    response that covers it; optionally close that response `cut_after` bytes past the flip)."""
-
-    def __init__(self, cdn):
-        self.cdn = cdn
-        self.lock = threading.Lock()
-        self.sent = 0
-        self.requests = []  # [start, end, bytes sent, arrival (seconds of the day)]
-        self.flip_at = None
-        self.cut_after = None
-        self.fired = False
-        cdn._handle = self._handle
-
-    def arm(self, flip_at, cut_after=None):
-        with self.lock:
-            self.sent, self.flip_at, self.cut_after, self.fired = 0, flip_at, cut_after, False
-            self.requests = []
-
-    def sent_since(self, seconds_of_day):
-        with self.lock:
-            return sum(r[2] for r in self.requests if r[3] >= seconds_of_day)
-
-    def _handle(self, req, body):
-        path = urllib.parse.unquote(urllib.parse.urlsplit(req.path).path)
-        full = os.path.realpath(os.path.join(self.cdn.root, path.lstrip("/")))
-        if not full.startswith(self.cdn.root + os.sep) or not os.path.isfile(full):
-            req.send_response(404)
-            req.send_header("Content-Length", "0")
-            req.end_headers()
-            return
-        size = os.path.getsize(full)
-        start, end = 0, size - 1
-        m = re.match(r"^bytes=(\d+)-(\d*)$", (req.headers.get("Range") or "").strip())
-        if m:
-            start = int(m.group(1))
-            end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-        now = datetime.datetime.now()
-        record = [start, end, 0, now.hour * 3600 + now.minute * 60 + now.second +
-                  now.microsecond / 1e6]
-        with self.lock:
-            self.requests.append(record)
-            fault = (not self.fired and self.flip_at is not None and start <= self.flip_at <= end)
-            if fault:
-                self.fired = True
-        req.send_response(206 if m else 200)
-        if m:
-            req.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-        req.send_header("Content-Length", str(end - start + 1))
-        req.end_headers()
-        if not body:
-            return
-        limit = end + 1
-        if fault and self.cut_after is not None:
-            limit = min(limit, self.flip_at + self.cut_after)
-        pos = start
-        try:
-            with open(full, "rb") as f:
-                f.seek(start)
-                while pos < limit:
-                    chunk = bytearray(f.read(min(MiB, limit - pos)))
-                    if fault and pos <= self.flip_at < pos + len(chunk):
-                        chunk[self.flip_at - pos] ^= 0x01
-                    req.wfile.write(chunk)
-                    pos += len(chunk)
-                    with self.lock:
-                        self.sent += len(chunk)
-                        record[2] += len(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        if limit <= end:
-            req.close_connection = True
-
-
 @pytest.fixture(scope="module")
 def cdn_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("repair")
@@ -101,7 +24,7 @@ def cdn_model(tmp_path_factory):
         harness.push_model(reg.url, "flip:64m", {"model": gguf})
         with open(gguf, "rb") as f:
             want = hashlib.sha256(f.read()).hexdigest()
-        yield reg, FaultyCdn(reg.cdn), os.path.getsize(gguf), want
+        yield reg, harness.FaultyCdn(reg.cdn), os.path.getsize(gguf), want
 
 
 def read_sha(path):

@@ -796,6 +796,7 @@ void BlobImpl::HashStepLocked() {
   uint64_t from, to;
   int fd;
   bool more = false;
+  std::vector<uint64_t> chunk_starts;  // in (from, to]: a bad chunk rewinds to its start
   {
     std::lock_guard<std::mutex> l(mu_);
     hash_queued_ = false;  // a Write after this point queues another step
@@ -809,12 +810,25 @@ void BlobImpl::HashStepLocked() {
       more = true;
     }
     fd = fd_.get();
+    if (ChunksTrustedLocked()) {
+      for (size_t i = ChunkAt(chunks_, from) + 1; i < chunks_.size(); ++i) {
+        if (chunks_[i].chunk.begin > to) break;
+        chunk_starts.push_back(chunks_[i].chunk.begin);
+      }
+    }
   }
   const uint64_t piece = PieceSize();
   while (from < to) {
-    // Repair restarts hashing from the state at a piece boundary: keep one per boundary.
-    if (from % piece == 0) checkpoints_.insert_or_assign(from, sha_);
-    const uint64_t boundary = (from / piece + 1) * piece;
+    // Repair restarts hashing from the state at a piece boundary, a bad chunk from its start:
+    // keep one per boundary (only the piece ones are saved in the state file).
+    if (from % piece == 0 || std::binary_search(chunk_starts.begin(), chunk_starts.end(), from)) {
+      checkpoints_.insert_or_assign(from, sha_);
+    }
+    uint64_t boundary = (from / piece + 1) * piece;
+    if (auto it = std::upper_bound(chunk_starts.begin(), chunk_starts.end(), from);
+        it != chunk_starts.end()) {
+      boundary = std::min(boundary, *it);
+    }
     size_t n = static_cast<size_t>(std::min({uint64_t{kHashChunk}, to - from, boundary - from}));
     // Data just written is still in the page cache, so this read is cheap.
     Status st = PreadFull(fd, buf_.data(), n, from);
@@ -1388,7 +1402,9 @@ void BlobImpl::MaybePersistLocked(bool force) {
   s->size = where_.size;
   s->frontier = sha_.bytes_hashed();
   s->sha_state = sha_.SaveState();
-  for (const auto& [off, sha] : checkpoints_) s->checkpoints.emplace(off, sha.SaveState());
+  for (const auto& [off, sha] : checkpoints_) {
+    if (off % PieceSize() == 0) s->checkpoints.emplace(off, sha.SaveState());
+  }
   if (force) {
     WriteState(fd, seq, *s, /*async=*/false);
     return;

@@ -1071,6 +1071,7 @@ void BlobImpl::RewindLocked(uint64_t offset) {
 
 void BlobImpl::RepairStep() {
   std::vector<Deferred> answers;
+  ByteRange replaced;
   {
     std::lock_guard<std::mutex> h(hash_mu_);
     uint64_t changed, k;
@@ -1092,6 +1093,7 @@ void BlobImpl::RepairStep() {
       NextRepairLocked(sha_.Peek());
     } else {
       RewindLocked(changed);
+      replaced = {changed, std::min((k + 1) * PieceSize(), where_.size)};
       LOG(kInfo) << "repairing " << where_.digest.Short() << ": piece " << k
                  << " differed from byte " << changed << " on; re-hashing from byte "
                  << sha_.bytes_hashed();
@@ -1099,7 +1101,17 @@ void BlobImpl::RepairStep() {
     }
     answers.swap(deferred_);
   }
+  if (!replaced.empty()) NotifyReplaced(replaced.begin, replaced.end);
   for (Deferred& d : answers) Answer(std::move(d.waiters), d.status, d.fd, false);
+}
+
+void BlobImpl::NotifyReplaced(uint64_t begin, uint64_t end) {
+  std::shared_ptr<const Cache::ReplacedFn> fn;
+  {
+    std::lock_guard<std::mutex> l(core_->replaced_mu);
+    fn = core_->replaced;
+  }
+  if (fn) (*fn)(where_.digest, begin, end);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1322,7 +1334,11 @@ void BlobImpl::VerifyChunkStep() {
     if (rewind) RewindLocked(c.begin);
     if (refetch) RefetchRange(c.begin, c.end - c.begin);
   }
-  if (!refetch) PostHashStep();  // distrusted: a mismatch the frontier waited on is repaired
+  if (refetch) {
+    NotifyReplaced(c.begin, c.end);  // pages of it a reader holds are bad
+  } else {
+    PostHashStep();  // distrusted: a mismatch the frontier waited on is repaired
+  }
 }
 
 void BlobImpl::FailLocked(const Status& status, bool remove_files) {

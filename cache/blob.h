@@ -21,7 +21,7 @@
 //   "modelfs-sync" takes only persist_mu_ → mu_: it writes state files, fdatasync first).
 // The chunk thread takes hash_mu_ → fetch_mu_ → mu_ (a bad chunk rewinds the frontier) or
 // persist_mu_ → mu_ (writing the chunk list), never holding a lock while it hashes.
-// Core::pin_mu and Core::lock_mu are leaves (nothing is taken under them). Waiting on
+// Core::pin_mu, Core::lock_mu and Core::replaced_mu are leaves (nothing is taken under them). Waiting on
 // Core::lock_cv (for a dying Blob of ours to drop its flock) happens under Cache::mu_ and the
 // new Blob's hash_mu_; a dying Blob needs neither.
 // The fetch loop thread only ever takes BlobImpl::mu_, Worker::mu_ and Core::pin_mu (and, in
@@ -103,6 +103,9 @@ struct Core {
   // --cache-max: an eviction pass is queued on the worker (coalesces requests).
   std::atomic<bool> evict_queued{false};
   std::atomic<bool> over_limit_logged{false};
+  // Cache::OnBytesReplaced's fn; copied under replaced_mu (a leaf lock), called outside it.
+  std::mutex replaced_mu;
+  std::shared_ptr<const Cache::ReplacedFn> replaced;  // GUARDED_BY(replaced_mu)
   // Blobs being materialized stay alive (and keep fetching) after their last reader closes,
   // until they are verified or fail, or the Cache shuts down. pin_mu is a leaf lock; a pin is
   // always dropped outside it, and never on the fetch loop thread.
@@ -196,6 +199,8 @@ class BlobImpl final : public Blob,
   void NextRepairLocked(const Digest& got);   // REQUIRES: hash_mu_ held
   void RepairStep();                          // worker: the piece being re-fetched is complete
   uint64_t PieceSize() const { return piece_size_ > 0 ? piece_size_ : std::max<uint64_t>(1, where_.size); }
+  // Tells Cache::OnBytesReplaced's fn, if any. No lock held.
+  void NotifyReplaced(uint64_t begin, uint64_t end);
   // Restarts hashing from the last checkpoint at or before offset.
   void RewindLocked(uint64_t offset);  // REQUIRES: hash_mu_ held
   // Asks the fetch for these bytes again (starting a Fetch if there is none).

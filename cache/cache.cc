@@ -154,6 +154,11 @@ class CacheImpl final : public Cache {
   bool HasBlob(const Digest& digest) override;
   std::vector<BlobStatus> ListBlobs() override;
   void Shutdown() override;
+  void OnBytesReplaced(ReplacedFn fn) override {
+    auto held = fn ? std::make_shared<const ReplacedFn>(std::move(fn)) : nullptr;
+    std::lock_guard<std::mutex> l(core_->replaced_mu);
+    core_->replaced = std::move(held);
+  }
 
  private:
   void List(int dir_fd, int depth, const std::string& prefix, std::vector<std::string>* out);

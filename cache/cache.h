@@ -149,6 +149,14 @@ class Cache {
   // it is materialized), for status output. Does not touch the disk.
   virtual std::vector<BlobStatus> ListBlobs() = 0;
 
+  // Bytes [begin, end) of blob `digest`, which readers may have been served (and the kernel may
+  // hold in its page cache), are being replaced: a chunk that did not match its digest (reads
+  // of it wait for the re-fetch from now on), or bytes a repair rewrote. fn runs on a cache
+  // thread with no cache lock held and must not block (queue the work). Replaces an earlier fn;
+  // nullptr clears it. A call already running may still finish after it is replaced.
+  using ReplacedFn = std::function<void(const Digest& digest, uint64_t begin, uint64_t end)>;
+  virtual void OnBytesReplaced(ReplacedFn fn) = 0;
+
   // Fails every parked reader with kCancelled, stops every fetch and saves resume state. Called
   // before unmount; the destructor calls it too. Afterwards OpenBlob fails (kCancelled) and
   // Blobs still held answer kCancelled, except verified ones, which stay readable.

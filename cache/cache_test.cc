@@ -267,6 +267,22 @@ std::vector<fetch::Chunk> ChunksOf(const std::string& data, uint64_t chunk) {
   return out;
 }
 
+// Records Cache::OnBytesReplaced calls.
+struct Replaced {
+  std::mutex mu;
+  std::vector<std::pair<Digest, ByteRange>> calls;
+  Cache::ReplacedFn Fn() {
+    return [this](const Digest& d, uint64_t b, uint64_t e) {
+      std::lock_guard<std::mutex> l(mu);
+      calls.push_back({d, {b, e}});
+    };
+  }
+  std::vector<std::pair<Digest, ByteRange>> Get() {
+    std::lock_guard<std::mutex> l(mu);
+    return calls;
+  }
+};
+
 // Records one ReadyFn answer.
 struct Answer {
   std::mutex mu;
@@ -581,6 +597,8 @@ TEST_F(CacheTest, RepairRefetchesTheTroubledPieceFirst) {
   CacheOptions opt;
   opt.piece_size = kPart;
   auto cache = OpenCache(opt);
+  Replaced replaced;
+  cache->OnBytesReplaced(replaced.Fn());
   auto blob = Open(cache.get(), where);
   blob->Materialize();
   std::string bad = data;
@@ -610,6 +628,8 @@ TEST_F(CacheTest, RepairRefetchesTheTroubledPieceFirst) {
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
   EXPECT_EQ(fetcher_.refetches(where.digest).size(), 1u);
   EXPECT_EQ(Impl(blob)->BytesHashedForTest() - hashed, 3 * kPart) << "re-hashed from piece 3 on";
+  ASSERT_EQ(replaced.Get().size(), 1u);
+  EXPECT_EQ(replaced.Get()[0].second, (ByteRange{3 * kPart + 100, 4 * kPart}));
   EXPECT_EQ(ReadAll(BlobPath(where.digest)), data);
   EXPECT_EQ(blob->GetStatus().condition, "");
 }
@@ -765,6 +785,8 @@ TEST_F(CacheTest, BadChunkIsRefetchedAlone) {
   CacheOptions opt;
   opt.piece_size = kPart;
   auto cache = OpenCache(opt);
+  Replaced replaced;
+  cache->OnBytesReplaced(replaced.Fn());
   auto blob = Open(cache.get(), where);
   blob->Materialize();
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().chunks == 12; }));
@@ -773,6 +795,9 @@ TEST_F(CacheTest, BadChunkIsRefetchedAlone) {
   ASSERT_TRUE(fetcher_.Write(where.digest, 0, bad).ok());
   ASSERT_TRUE(WaitFor([&] { return !fetcher_.refetches(where.digest).empty(); }));
   EXPECT_EQ(fetcher_.refetches(where.digest)[0], (ByteRange{7 * chunk, 8 * chunk}));
+  ASSERT_TRUE(WaitFor([&] { return !replaced.Get().empty(); }));
+  EXPECT_EQ(replaced.Get()[0], std::make_pair(where.digest, ByteRange{7 * chunk, 8 * chunk}))
+      << "readers' cached pages of the bad chunk are stale";
   Impl(blob)->SyncWorkerForTest();
   BlobStatus st = blob->GetStatus();
   EXPECT_EQ(st.chunk_refetches, 1);

@@ -2,21 +2,23 @@
 #include "fs/model_fs.h"
 
 #include <fuse3/fuse_lowlevel.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <pthread.h>
-#include <thread>
-#include <csignal>
 #include <atomic>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
 #include <cstring>
 #include <ctime>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -481,6 +483,15 @@ class ModelFs {
   }
 
  public:
+  // The inodes of every file showing this blob (the same blob may be in several models).
+  std::vector<fuse_ino_t> InodesOf(const Digest& digest) {
+    std::vector<fuse_ino_t> out;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [ino, n] : nodes_) {
+      if (n->kind == Kind::kBlobFile && n->blob.digest == digest) out.push_back(ino);
+    }
+    return out;
+  }
   // When the last read request arrived (steady clock, ns): the shutdown drains until quiet.
   int64_t last_read_ns() const { return last_read_ns_.load(std::memory_order_relaxed); }
   static int64_t Now() { return NowNs(); }
@@ -565,6 +576,72 @@ const fuse_lowlevel_ops kOps = [] {
 // quiet, because the kernel retries a failed readahead page with a fresh read that must also get
 // EIO (a closed session would answer ENOTCONN); only then does the loop end.
 // Thread "modelfs-signal" owns the wait; the caller blocks the signals before any thread starts.
+// Thread "modelfs-inval": drops the kernel's cached pages of blob bytes the cache replaced
+// (cache::Cache::OnBytesReplaced: a bad chunk, a repaired piece), so a reader that keeps its file
+// open re-reads them instead of the bad copy. On its own thread: the kernel may wait there for
+// pages locked by reads that a cache thread is about to answer.
+class PageInvalidator {
+ public:
+  PageInvalidator(fuse_session* se, ModelFs* fs) : se_(se), fs_(fs) {
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~PageInvalidator() { Stop(); }
+
+  // Any thread. Dropped after Stop().
+  void Post(const Digest& digest, uint64_t begin, uint64_t end) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (stop_) return;
+      queue_.push_back({digest, begin, end});
+    }
+    cv_.notify_one();
+  }
+  // Joins the thread; the session is not touched afterwards. Idempotent.
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  struct Item {
+    Digest digest;
+    uint64_t begin, end;
+  };
+  void Run() {
+    pthread_setname_np(pthread_self(), "modelfs-inval");
+    std::unique_lock<std::mutex> l(mu_);
+    while (true) {
+      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      Item item = std::move(queue_.front());
+      queue_.pop_front();
+      l.unlock();
+      for (fuse_ino_t ino : fs_->InodesOf(item.digest)) {
+        // -ENOENT: the kernel holds nothing of this inode. Nothing else is worth more than a log.
+        int rc = fuse_lowlevel_notify_inval_inode(se_, ino, static_cast<off_t>(item.begin),
+                                                  static_cast<off_t>(item.end - item.begin));
+        if (rc != 0 && rc != -ENOENT) {
+          LOG(kWarn) << "dropping cached pages of " << item.digest.Short() << ": "
+                     << std::strerror(-rc);
+        }
+      }
+      l.lock();
+    }
+  }
+
+  fuse_session* const se_;
+  ModelFs* const fs_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> queue_;  // GUARDED_BY(mu_)
+  bool stop_ = false;       // GUARDED_BY(mu_)
+  std::thread thread_;
+};
+
 class SignalStopper {
  public:
   SignalStopper(fuse_session* se, const ModelFs* fs, std::function<void()> stop)
@@ -666,9 +743,16 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
       int loop_rc;
       {
         cache::Cache* cache = services->cache;
+        // Shared with the cache's callback, which may still be running when it is cleared.
+        auto inval = std::make_shared<PageInvalidator>(se, &fs);
+        cache->OnBytesReplaced([inval](const Digest& d, uint64_t begin, uint64_t end) {
+          inval->Post(d, begin, end);
+        });
         SignalStopper stopper(se, &fs, [cache] { cache->Shutdown(); });
         loop_rc = fuse_session_loop_mt(se, cfg);
         if (stopper.stopped_by_signal()) loop_rc = 0;
+        cache->OnBytesReplaced(nullptr);
+        inval->Stop();
       }
       rc = loop_rc < 0 ? 1 : 0;
       fuse_loop_cfg_destroy(cfg);

@@ -272,6 +272,38 @@ def test_a_bad_chunk_is_not_served_until_refetched(o, mount):
     assert not lines_with(log, REPAIR), log[-3000:]
 
 
+def test_a_reader_keeping_its_file_open_rereads_the_repaired_chunk(o, mount):
+    """Default mode serves bytes as they arrive, so a reader can get the flipped byte before the
+    chunk is checked; the kernel then caches that page. Once the chunk is known bad modelfs must
+    drop it from the page cache, or the same open file keeps returning the bad byte forever."""
+    publish(o, good_lines(o))
+    o.cdn.arm(FLIP_AT)
+    # Hold the first response with the flipped byte, so the read below is parked before it.
+    o.cdn.hold(40 * MiB, 40 * MiB + MiB - 1, timeout=30)
+    m = start(mount, o)
+    fd = os.open(m.path(MODEL, "model.gguf"), os.O_RDONLY)
+    try:
+        got = {}
+
+        def read():
+            got["tid"] = threading.get_native_id()
+            got["data"] = os.pread(fd, MiB, 40 * MiB)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        harness.wait_until(lambda: o.cdn.waiting, 20, "the response with the flipped byte (held)")
+        o.cdn.release()
+        reader.join(30)
+        good = o.data[40 * MiB:41 * MiB]
+        assert got["data"] != good, "the first read should have been served the flipped byte"
+        wait_committed(m, o)
+        assert lines_with(m.log_text(), MISMATCH), m.log_text()[-3000:]
+        again = os.pread(fd, MiB, 40 * MiB)  # the same open file, after the repair
+    finally:
+        os.close(fd)
+    assert again == good, "a reader that kept its file open still sees the bad byte"
+
+
 @pytest.mark.parametrize("hold_end", [False, True], ids=["racing-the-commit", "end-held"])
 def test_a_wrong_chunk_digest_is_distrusted(o, mount, hold_end):
     lines = good_lines(o)

@@ -233,9 +233,9 @@ StatusOr<uint64_t> RemoveCacheBlob(const std::string& dir, const Digest& digest)
   }
   if (::fstatat(partial.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     found = true;
-    ASSIGN_OR_RETURN(uint64_t n,
-                     RemoveLocked(partial.get(), name, {name + ".state", name + ".chunks"},
-                                  "partial/" + name));
+    ASSIGN_OR_RETURN(
+        uint64_t n,
+        RemoveLocked(partial.get(), name, {name + ".state", name + ".chunks"}, "partial/" + name));
     freed += n;
   } else {
     for (const std::string& orphan : {name + ".state", name + ".chunks"}) {  // without data

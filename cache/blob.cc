@@ -357,7 +357,8 @@ void BlobImpl::LoadStateLocked() {
     suspects = st->suspects;
     verified = st->verified;  // only what is still present (holes were dropped above)
     for (const ByteRange& r : st->verified.Ranges()) {
-      for (const ByteRange& hole : present.Missing(r.begin, r.end)) verified.Remove(hole.begin, hole.end);
+      for (const ByteRange& hole : present.Missing(r.begin, r.end))
+        verified.Remove(hole.begin, hole.end);
     }
     if (present.TotalBytes() != st->present.TotalBytes()) {
       LOG(kWarn) << what << " claims " << st->present.TotalBytes() - present.TotalBytes()
@@ -548,9 +549,10 @@ BlobStatus BlobImpl::GetStatus() const {
     s.condition = condition_;
     s.bytes_repaired = bytes_repaired_;
     s.chunks = chunks_.size();
-    s.chunks_verified = static_cast<size_t>(
-        std::count_if(chunks_.begin(), chunks_.end(),
-                      [&](const ChunkInfo& c) { return c.state == ChunkState::kVerified; }));
+    s.chunks_verified =
+        static_cast<size_t>(std::count_if(chunks_.begin(), chunks_.end(), [&](const ChunkInfo& c) {
+          return c.state == ChunkState::kVerified;
+        }));
     if (state_ == BlobState::kVerified) s.chunks_verified = s.chunks;
     s.chunk_refetches = chunk_refetches_;
     s.chunks_distrusted = chunks_distrusted_;
@@ -579,7 +581,7 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     size_t chunk;
     bool compare;
   };
-  std::vector<Segment> compare;
+  std::vector<Segment> segments;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!owner_ || state_ != BlobState::kFetching || shutdown_ || closing_) {
@@ -594,8 +596,8 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
       for (size_t i = ChunkAt(chunks_, offset); i < chunks_.size(); ++i) {
         const fetch::Chunk& c = chunks_[i].chunk;
         if (c.begin >= offset + len) break;
-        compare.push_back({std::max(c.begin, offset), std::min(c.end, offset + len), i,
-                           chunks_[i].state == ChunkState::kRefetching});
+        segments.push_back({std::max(c.begin, offset), std::min(c.end, offset + len), i,
+                            chunks_[i].state == ChunkState::kRefetching});
       }
     }
   }
@@ -611,14 +613,14 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
   Status st;
   if (repairing) {
     st = CompareAndWrite(fd, data, len, offset, &changed_from, &changed);
-  } else if (compare.empty()) {
+  } else if (segments.empty()) {
     st = PwriteFull(fd, data, len, offset);
   } else {
     const char* p = static_cast<const char*>(data);
-    for (const Segment& g : compare) {
+    for (const Segment& g : segments) {
       uint64_t from = kNone;
-      st = g.compare ? CompareAndWrite(fd, p + (g.begin - offset), g.end - g.begin, g.begin,
-                                       &from, &changed)
+      st = g.compare ? CompareAndWrite(fd, p + (g.begin - offset), g.end - g.begin, g.begin, &from,
+                                       &changed)
                      : PwriteFull(fd, p + (g.begin - offset), g.end - g.begin, g.begin);
       if (!st.ok()) break;
       if (from != kNone) changed_chunks.push_back(g.chunk);
@@ -1179,8 +1181,8 @@ void BlobImpl::OnChunks(StatusOr<std::vector<fetch::Chunk>> r) {
     Status st = WriteFileAtomicAt(core_->partial_fd.get(), chunks_name_, core_->partial_fd.get(),
                                   chunks_name_ + ".tmp", text);
     if (!st.ok()) {
-      LOG(kWarn) << "saving the chunk digests of " << where_.digest.Short() << ": "
-                 << st.ToString() << " (a restart asks for them again)";
+      LOG(kWarn) << "saving the chunk digests of " << where_.digest.Short() << ": " << st.ToString()
+                 << " (a restart asks for them again)";
     }
   }
   LOG(kInfo) << "verifying " << where_.digest.Short() << " by " << n
@@ -1228,9 +1230,8 @@ void BlobImpl::PostChunkStepLocked() {
 
 void BlobImpl::TakeVerifiedWaitersLocked(std::vector<Waiter>* ready) {
   if (!ChunksTrustedLocked()) return;
-  auto it = std::partition(waiters_.begin(), waiters_.end(), [&](const Waiter& w) {
-    return !verified_.Contains(w.begin, w.end);
-  });
+  auto it = std::partition(waiters_.begin(), waiters_.end(),
+                           [&](const Waiter& w) { return !verified_.Contains(w.begin, w.end); });
   std::move(it, waiters_.end(), std::back_inserter(*ready));
   waiters_.erase(it, waiters_.end());
 }
@@ -1313,8 +1314,8 @@ void BlobImpl::VerifyChunkStep() {
       if (info.refetches > 0 && !info.changed) {
         DistrustChunksLocked(where + " came back from the registry byte for byte the same");
       } else if (info.refetches >= kMaxChunkRefetches) {
-        DistrustChunksLocked(where + " did not match after " +
-                             std::to_string(info.refetches) + " re-fetches");
+        DistrustChunksLocked(where + " did not match after " + std::to_string(info.refetches) +
+                             " re-fetches");
       } else {
         LOG(kWarn) << where << " of " << where_.digest.Short()
                    << " does not match its chunk digest; re-fetching it (got " << got.ToString()

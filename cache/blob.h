@@ -21,14 +21,13 @@
 //   "modelfs-sync" takes only persist_mu_ → mu_: it writes state files, fdatasync first).
 // The chunk thread takes hash_mu_ → fetch_mu_ → mu_ (a bad chunk rewinds the frontier) or
 // persist_mu_ → mu_ (writing the chunk list), never holding a lock while it hashes.
-// Core::pin_mu, Core::lock_mu and Core::replaced_mu are leaves (nothing is taken under them). Waiting on
-// Core::lock_cv (for a dying Blob of ours to drop its flock) happens under Cache::mu_ and the
-// new Blob's hash_mu_; a dying Blob needs neither.
-// The fetch loop thread only ever takes BlobImpl::mu_, Worker::mu_ and Core::pin_mu (and, in
-// Sink::Write, calls Fetch::Stats() of the Fetch calling it, with no lock held: that Fetch cannot
-// be destroyed before Write returns). In repair mode Write preads and compares before writing.
-// The worker also runs --cache-max eviction passes (no Blob lock held; an open blob is one whose
-// file someone holds a flock on).
+// Core::pin_mu, Core::lock_mu and Core::replaced_mu are leaves (nothing is taken under them).
+// Waiting on Core::lock_cv (for a dying Blob of ours to drop its flock) happens under Cache::mu_
+// and the new Blob's hash_mu_; a dying Blob needs neither. The fetch loop thread only ever takes
+// BlobImpl::mu_, Worker::mu_ and Core::pin_mu (and, in Sink::Write, calls Fetch::Stats() of the
+// Fetch calling it, with no lock held: that Fetch cannot be destroyed before Write returns). In
+// repair mode Write preads and compares before writing. The worker also runs --cache-max eviction
+// passes (no Blob lock held; an open blob is one whose file someone holds a flock on).
 // Fetch::Demand/Start are called under fetch_mu_ (they post to the loop thread and never wait for
 // it). A Fetch is destroyed (which waits for the loop thread) with no lock held but hash_mu_, which
 // the loop thread never takes. ReadyFn callbacks run with no lock held.
@@ -206,17 +205,17 @@ class BlobImpl final : public Blob,
   // Asks the fetch for these bytes again (starting a Fetch if there is none).
   void RefetchRange(uint64_t begin, uint64_t len);  // REQUIRES: fetch_mu_, mu_ not held
   // Chunks (see blob.cc, "Chunks").
-  void AskChunksLocked();  // REQUIRES: fetch_mu_ held
+  void AskChunksLocked();                                     // REQUIRES: fetch_mu_ held
   void OnChunks(StatusOr<std::vector<fetch::Chunk>> chunks);  // chunk thread
   void SetChunksLocked(std::vector<fetch::Chunk> chunks);     // REQUIRES: mu_ held
-  void VerifyChunkStep();                                      // chunk thread
-  void PostChunkStepLocked();                                  // REQUIRES: mu_ held
+  void VerifyChunkStep();                                     // chunk thread
+  void PostChunkStepLocked();                                 // REQUIRES: mu_ held
   // Chunks overlapping [begin, end) whose bytes are now all present are queued for verification.
   void QueueCompleteChunksLocked(uint64_t begin, uint64_t end);  // REQUIRES: mu_ held
   bool ChunksTrustedLocked() const { return !chunks_.empty() && !chunks_distrusted_; }
   // Strict mode: waiters whose bytes are all in verified chunks move to *ready.
   void TakeVerifiedWaitersLocked(std::vector<Waiter>* ready);  // REQUIRES: mu_ held
-  void DistrustChunksLocked(const std::string& why);            // REQUIRES: mu_ held
+  void DistrustChunksLocked(const std::string& why);           // REQUIRES: mu_ held
   void FailLocked(const Status& status, bool remove_files);  // REQUIRES: hash_mu_ held
   std::unique_ptr<fetch::Fetch> TakeFetch(bool close);
   void Pin();
@@ -308,7 +307,7 @@ class BlobImpl final : public Blob,
     uint8_t refetches = 0;  // times re-fetched after a mismatch
     bool changed = false;   // the re-fetch wrote bytes that differ from the bad ones
   };
-  std::vector<ChunkInfo> chunks_;  // GUARDED_BY(mu_)
+  std::vector<ChunkInfo> chunks_;   // GUARDED_BY(mu_)
   std::deque<size_t> chunk_queue_;  // GUARDED_BY(mu_): indices of kQueued chunks
   RangeSet verified_;               // GUARDED_BY(mu_): bytes of kVerified chunks
   RangeSet compare_;                // GUARDED_BY(mu_): kRefetching chunks: Write compares there

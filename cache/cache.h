@@ -90,7 +90,7 @@ struct BlobStatus {
   // Per-chunk digests (CacheOptions::chunksums). chunks == 0: none published (or not known yet).
   size_t chunks = 0;
   size_t chunks_verified = 0;
-  int chunk_refetches = 0;        // chunks re-fetched because their bytes did not match
+  int chunk_refetches = 0;         // chunks re-fetched because their bytes did not match
   bool chunks_distrusted = false;  // they disagreed with the blob's digest: ignored from then on
   fetch::FetchStats fetch;
 };

@@ -755,7 +755,8 @@ TEST_F(CacheTest, ChunksReleaseStrictReadersEarly) {
   ASSERT_TRUE(fetcher_.Write(where.digest, 0, std::string_view(data).substr(0, kPart)).ok());
   Impl(blob)->SyncWorkerForTest();
   EXPECT_FALSE(first.Called()) << "its chunk is not complete yet";
-  ASSERT_TRUE(fetcher_.Write(where.digest, kPart, std::string_view(data).substr(kPart, kPart)).ok());
+  ASSERT_TRUE(
+      fetcher_.Write(where.digest, kPart, std::string_view(data).substr(kPart, kPart)).ok());
   ASSERT_TRUE(WaitFor([&] { return first.Called(); }));
   EXPECT_TRUE(first.status.ok());
   EXPECT_EQ(PreadAll(first.fd, 10, 100), data.substr(10, 100));
@@ -766,7 +767,8 @@ TEST_F(CacheTest, ChunksReleaseStrictReadersEarly) {
   Answer again;  // a new strict read of verified bytes is answered at once
   blob->WhenReadable(chunk - 10, 10, again.Fn());
   EXPECT_TRUE(again.Called());
-  ASSERT_TRUE(fetcher_.Write(where.digest, 2 * kPart, std::string_view(data).substr(2 * kPart)).ok());
+  ASSERT_TRUE(
+      fetcher_.Write(where.digest, 2 * kPart, std::string_view(data).substr(2 * kPart)).ok());
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
   ASSERT_TRUE(WaitFor([&] { return third.Called(); }));
   EXPECT_EQ(fetcher_.chunk_asks(), 1);
@@ -865,7 +867,8 @@ TEST_F(CacheTest, ChunksAgreeingWithBadBytesFallBackToPieceRepair) {
   EXPECT_NE(blob->GetStatus().condition.find("repairing"), std::string::npos);
   auto verified = [&] { return blob->GetStatus().state == BlobState::kVerified; };
   for (size_t i = 0; i < 3; ++i) {
-    ASSERT_TRUE(WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1 || verified(); }));
+    ASSERT_TRUE(
+        WaitFor([&] { return fetcher_.refetches(where.digest).size() == i + 1 || verified(); }));
     if (verified()) break;
     const ByteRange r = fetcher_.refetches(where.digest)[i];
     ASSERT_TRUE(WritePart(data, where.digest, static_cast<int>(r.begin / kPart)).ok());
@@ -931,7 +934,8 @@ TEST_F(CacheTest, VerifiedChunksSurviveARestart) {
   blob->WhenReadable(kPart, 10, a.Fn());
   EXPECT_TRUE(a.Called()) << "strict reader of a verified chunk, answered from the saved state";
   blob->Materialize();
-  ASSERT_TRUE(fetcher_.Write(where.digest, 2 * kPart, std::string_view(data).substr(2 * kPart)).ok());
+  ASSERT_TRUE(
+      fetcher_.Write(where.digest, 2 * kPart, std::string_view(data).substr(2 * kPart)).ok());
   ASSERT_TRUE(WaitFor([&] { return blob->GetStatus().state == BlobState::kVerified; }));
   EXPECT_EQ(fetcher_.chunk_asks(), 1);
   EXPECT_LE(Impl(blob)->ChunkBytesHashedForTest(), 2 * kPart) << "only the new chunks";

@@ -161,7 +161,8 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
       size_t sp = rest.find(' ');
       uint64_t b, e;
       if (sp == std::string_view::npos || !ParseU64(rest.substr(0, sp), &b) ||
-          !ParseU64(rest.substr(sp + 1), &e) || b >= e || e > size || (i > first && b <= prev_end)) {
+          !ParseU64(rest.substr(sp + 1), &e) || b >= e || e > size ||
+          (i > first && b <= prev_end)) {
         return DataLoss("state file: bad " + std::string(keyword) + " line");
       }
       prev_end = e;
@@ -177,8 +178,9 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
     const size_t a = rest.find(' '), b = a == std::string_view::npos ? a : rest.find(' ', a + 1);
     uint64_t off, troubles, runs;
     if (b == std::string_view::npos || !ParseU64(rest.substr(0, a), &off) ||
-        !ParseU64(rest.substr(a + 1, b - a - 1), &troubles) || !ParseU64(rest.substr(b + 1), &runs) ||
-        off >= size || troubles > UINT32_MAX || runs > UINT32_MAX || troubles + runs == 0 ||
+        !ParseU64(rest.substr(a + 1, b - a - 1), &troubles) ||
+        !ParseU64(rest.substr(b + 1), &runs) || off >= size || troubles > UINT32_MAX ||
+        runs > UINT32_MAX || troubles + runs == 0 ||
         (!s.suspects.empty() && off <= s.suspects.rbegin()->first)) {
       return DataLoss("state file: bad suspect line");
     }

@@ -56,8 +56,8 @@ TEST(StateFileTest, ReadsVersionOneWithoutCheckpoints) {
   PartialState s = Sample();
   s.checkpoints.clear();
   s.verified.Clear();
-  auto got = DecodeState(Resign(Replace(EncodeState(s), "state 3\n", "state 1\n")), s.digest,
-                         s.size);
+  auto got =
+      DecodeState(Resign(Replace(EncodeState(s), "state 3\n", "state 1\n")), s.digest, s.size);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   EXPECT_EQ(got->frontier, 64u);
   EXPECT_TRUE(got->checkpoints.empty());
@@ -66,8 +66,8 @@ TEST(StateFileTest, ReadsVersionOneWithoutCheckpoints) {
 TEST(StateFileTest, ReadsVersionTwoWithoutVerifiedRanges) {
   PartialState s = Sample();
   s.verified.Clear();
-  auto got = DecodeState(Resign(Replace(EncodeState(s), "state 3\n", "state 2\n")), s.digest,
-                         s.size);
+  auto got =
+      DecodeState(Resign(Replace(EncodeState(s), "state 3\n", "state 2\n")), s.digest, s.size);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   EXPECT_EQ(got->checkpoints, s.checkpoints);
   EXPECT_TRUE(got->verified.empty());
@@ -152,12 +152,12 @@ TEST(StateFileTest, RejectsInconsistentContents) {
         << bad;
   }
   // Verified bytes that are not present, out of order, or before the range lines.
-  EXPECT_FALSE(DecodeState(Resign(Replace(text, "verified 550 600", "verified 550 701")), s.digest,
-                           s.size)
-                   .ok());
-  EXPECT_FALSE(DecodeState(Resign(Replace(text, "verified 550 600", "verified 50 60")), s.digest,
-                           s.size)
-                   .ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "verified 550 600", "verified 550 701")), s.digest, s.size)
+          .ok());
+  EXPECT_FALSE(
+      DecodeState(Resign(Replace(text, "verified 550 600", "verified 50 60")), s.digest, s.size)
+          .ok());
   EXPECT_FALSE(DecodeState(Resign(Replace(text, "range 0 128\n", "verified 0 100\nrange 0 128\n")),
                            s.digest, s.size)
                    .ok());

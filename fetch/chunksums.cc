@@ -63,8 +63,8 @@ StatusOr<std::vector<Chunk>> ParseChunksums(std::string_view text, uint64_t blob
                                     std::to_string(next) + " (chunks must be contiguous)");
     }
     if (last >= blob_size) {
-      return LineError(line_no, "chunk ends past the blob's " + std::to_string(blob_size) +
-                                    " bytes");
+      return LineError(line_no,
+                       "chunk ends past the blob's " + std::to_string(blob_size) + " bytes");
     }
     chunks.push_back(Chunk{*digest, first, last + 1});
     next = last + 1;

@@ -44,9 +44,9 @@ TEST(ChunksumsTest, EmptyBlobHasNoChunks) {
 TEST(ChunksumsTest, RejectsGapsOverlapsAndShortCoverage) {
   EXPECT_FALSE(ParseChunksums(kA + " 0-9\n" + kB + " 11-14\n", 15).ok());  // gap
   EXPECT_FALSE(ParseChunksums(kA + " 0-9\n" + kB + " 9-14\n", 15).ok());   // overlap
-  EXPECT_FALSE(ParseChunksums(kA + " 0-9\n", 15).ok());                   // short
-  EXPECT_FALSE(ParseChunksums(kA + " 0-15\n", 15).ok());                  // past the end
-  EXPECT_FALSE(ParseChunksums(kA + " 1-14\n", 15).ok());                  // not from 0
+  EXPECT_FALSE(ParseChunksums(kA + " 0-9\n", 15).ok());                    // short
+  EXPECT_FALSE(ParseChunksums(kA + " 0-15\n", 15).ok());                   // past the end
+  EXPECT_FALSE(ParseChunksums(kA + " 1-14\n", 15).ok());                   // not from 0
 }
 
 TEST(ChunksumsTest, RejectsMalformedLines) {

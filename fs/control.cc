@@ -143,8 +143,7 @@ void Control::UpdateLocked(cache::BlobStatus s, Clock::time_point now) {
   g_requested.Add(Delta(f.bytes_requested, t.counted.bytes_requested));
   for (const auto& [cause, n] : f.retries_by_cause) {
     auto before = t.counted.retries_by_cause.find(cause);
-    Retries(cause).Add(
-        Delta(n, before == t.counted.retries_by_cause.end() ? 0 : before->second));
+    Retries(cause).Add(Delta(n, before == t.counted.retries_by_cause.end() ? 0 : before->second));
   }
   g_stalls.Add(Delta(f.stalls, t.counted.stalls));
   g_slow.Add(Delta(f.slow_refetches, t.counted.slow_refetches));

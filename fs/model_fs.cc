@@ -155,8 +155,8 @@ class ModelFs {
       // The kernel keeps a verified blob's pages across opens, but only once an open after the
       // verification has dropped whatever it cached before (bytes that a repair replaced).
       cache::BlobStatus status = file->blob->GetStatus();
-      fi->keep_cache = status.state == cache::BlobState::kVerified &&
-                       n->page_cache_clean.exchange(true);
+      fi->keep_cache =
+          status.state == cache::BlobState::kVerified && n->page_cache_clean.exchange(true);
       if (control_ != nullptr) control_->Observe(std::move(status));
     } else {
       fi->keep_cache = 1;
@@ -745,9 +745,8 @@ int Serve(const MountOptions& options, const std::function<StatusOr<Services>()>
         cache::Cache* cache = services->cache;
         // Shared with the cache's callback, which may still be running when it is cleared.
         auto inval = std::make_shared<PageInvalidator>(se, &fs);
-        cache->OnBytesReplaced([inval](const Digest& d, uint64_t begin, uint64_t end) {
-          inval->Post(d, begin, end);
-        });
+        cache->OnBytesReplaced(
+            [inval](const Digest& d, uint64_t begin, uint64_t end) { inval->Post(d, begin, end); });
         SignalStopper stopper(se, &fs, [cache] { cache->Shutdown(); });
         loop_rc = fuse_session_loop_mt(se, cfg);
         if (stopper.stopped_by_signal()) loop_rc = 0;

@@ -50,9 +50,8 @@ void PrintHuman(const Json& s) {
     return;
   }
   std::vector<std::vector<std::string>> rows = {{"BLOB", "STATE", "PRESENT", "HASHED", "CHUNKS",
-                                                 "RATE",
-                                                 "PARTS", "SLOW", "RETRIES", "STALLS", "MODELS",
-                                                 "LAST ERROR"}};
+                                                 "RATE", "PARTS", "SLOW", "RETRIES", "STALLS",
+                                                 "MODELS", "LAST ERROR"}};
   for (const Json& b : blobs) {
     uint64_t size = b.value("size", uint64_t{0}), present = b.value("bytes_present", uint64_t{0});
     std::string digest = b.value("digest", "");

@@ -59,10 +59,10 @@ const std::set<std::string> kIgnoredMountOptions = {
     "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
     "nodiratime", "sync", "async", "ro"};
 const std::set<std::string> kValueOptions = {
-    "metrics",
-    "registry", "cache", "concurrency", "part_size", "credentials", "ca_file", "stall_timeout",
-    "log_level", "verify", "uid", "gid", "umask", "max_threads", "proxy", "request_timeout",
-    "mirror", "cache_max", "chunksums"};
+    "metrics",  "registry",      "cache",     "concurrency",     "part_size", "credentials",
+    "ca_file",  "stall_timeout", "log_level", "verify",          "uid",       "gid",
+    "umask",    "max_threads",   "proxy",     "request_timeout", "mirror",    "cache_max",
+    "chunksums"};
 const std::set<std::string> kBoolOptions = {"allow_other", "default_permissions", "insecure",
                                             "lazy", "foreground", "debug"};
 
@@ -378,13 +378,14 @@ int Main(int argc, char** argv) {
                     "Serve Prometheus metrics on HOST:PORT (GET /metrics), e.g. 127.0.0.1:9090");
   mount->add_flag("-f,--foreground", foreground, "Stay in the foreground, log to stderr");
   mount->add_flag("-d,--debug", debug, "Log every FUSE request (implies nothing else)");
-  mount->add_option("-o", groups,
-                    "Mount options, comma-separated: every flag above as name=value or name "
-                    "(cache=DIR, part_size=64M, concurrency=N, stall_timeout=10s, registry=URL, "
-                    "credentials=FILE, ca_file=FILE, proxy=URL, request_timeout=30s, insecure, "
-                    "lazy, verify=strict, chunksums=off, "
-                    "log_level=LEVEL, allow_other, default_permissions, uid=N, gid=N, "
-                    "umask=022, max_threads=N, foreground, mirror=URL (repeatable, or URL1|URL2))")
+  mount
+      ->add_option("-o", groups,
+                   "Mount options, comma-separated: every flag above as name=value or name "
+                   "(cache=DIR, part_size=64M, concurrency=N, stall_timeout=10s, registry=URL, "
+                   "credentials=FILE, ca_file=FILE, proxy=URL, request_timeout=30s, insecure, "
+                   "lazy, verify=strict, chunksums=off, "
+                   "log_level=LEVEL, allow_other, default_permissions, uid=N, gid=N, "
+                   "umask=022, max_threads=N, foreground, mirror=URL (repeatable, or URL1|URL2))")
       ->take_all();
 
   tools::OpsCommands ops(&app);  // status, pull, ls, rm, verify, gc (tools/ops.h)

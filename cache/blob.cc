@@ -331,7 +331,7 @@ Status BlobImpl::AcquireLocked() {
 void BlobImpl::LoadStateLocked() {
   const std::string what = "state file for " + where_.digest.Short();
   RangeSet present, verified;
-  std::map<uint64_t, PartialState::Suspect> suspects;
+  std::map<uint64_t, uint32_t> suspects;
   uint64_t frontier = 0;
   Sha256 sha;
   std::map<uint64_t, Sha256> checkpoints;
@@ -396,11 +396,7 @@ void BlobImpl::LoadStateLocked() {
   const uint64_t piece = PieceSize();
   const size_t pieces = static_cast<size_t>((where_.size + piece - 1) / piece);
   trouble_.assign(pieces, 0);
-  runs_.assign(pieces, 0);
-  for (const auto& [off, x] : suspects) {  // saved with this or another piece size
-    trouble_[off / piece] += x.troubles;
-    runs_[off / piece] += x.runs;
-  }
+  for (const auto& [off, troubles] : suspects) trouble_[off / piece] += troubles;  // any piece size
   frontier_ = frontier;
   dirty_ = false;
   unpersisted_bytes_ = 0;
@@ -670,7 +666,6 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     const size_t pieces = static_cast<size_t>((where_.size + piece - 1) / piece);
     if (trouble_.size() != pieces) {
       trouble_.assign(pieces, 0);
-      runs_.assign(pieces, 0);
     }
     if (troubles != trouble_seen_) {
       if (troubles > trouble_seen_) {
@@ -684,7 +679,6 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
       }
       trouble_seen_ = troubles;
     }
-    if (offset % piece != 0 && !present_.Contains(offset - 1, offset)) runs_[offset / piece]++;
     present_.Add(offset, offset + len);
     for (size_t i : changed_chunks) chunks_[i].changed = true;
     QueueCompleteChunksLocked(offset, offset + len);
@@ -966,8 +960,8 @@ void BlobImpl::FinishLocked() {
 //
 // A digest mismatch does not throw the blob away. Pieces (piece_size_ bytes, the fetch's part
 // size) are re-fetched one at a time, suspects first: pieces that were partly written when the
-// fetch reported a retry, stall or slow re-request, then pieces whose bytes arrived in several
-// runs, then the rest in order. While repairing, Write compares what arrives with what is on
+// fetch reported a retry, stall or slow re-request, then the rest in order. (Bytes arriving in
+// several runs say nothing: guided part sizes and splits put run starts inside most pieces.) While repairing, Write compares what arrives with what is on
 // disk and writes only differing bytes. When a piece is complete again: if nothing differed,
 // the next piece; else hashing restarts from the checkpoint at (or before) the first changed
 // byte, and the frontier runs to the end again: a match commits, a mismatch goes on with the
@@ -980,21 +974,17 @@ void BlobImpl::FinishLocked() {
 void BlobImpl::StartRepairLocked(const Digest& got) {
   const uint64_t piece = PieceSize();
   const size_t pieces = static_cast<size_t>((where_.size + piece - 1) / piece);
-  std::vector<uint32_t> trouble, runs;
+  std::vector<uint32_t> trouble;
   {
     std::lock_guard<std::mutex> l(mu_);
     trouble = trouble_;
-    runs = runs_;
     repairing_ = true;
   }
   trouble.resize(pieces);
-  runs.resize(pieces);
   repair_queue_.clear();
   for (size_t i = 0; i < pieces; ++i) repair_queue_.push_back(i);
-  std::stable_sort(repair_queue_.begin(), repair_queue_.end(), [&](uint64_t a, uint64_t b) {
-    if (trouble[a] != trouble[b]) return trouble[a] > trouble[b];
-    return runs[a] > runs[b];
-  });
+  std::stable_sort(repair_queue_.begin(), repair_queue_.end(),
+                   [&](uint64_t a, uint64_t b) { return trouble[a] > trouble[b]; });
   std::reverse(repair_queue_.begin(), repair_queue_.end());  // next candidate at the back
   repair_total_ = pieces;
   size_t suspects = std::count_if(trouble.begin(), trouble.end(), [](uint32_t t) { return t; });
@@ -1406,7 +1396,7 @@ void BlobImpl::MaybePersistLocked(bool force) {
     s->verified = verified_;
     // A crash must not lose which pieces to re-fetch first if the digest does not match.
     for (size_t i = 0; i < trouble_.size(); ++i) {
-      if (trouble_[i] != 0 || runs_[i] != 0) s->suspects[i * PieceSize()] = {trouble_[i], runs_[i]};
+      if (trouble_[i] != 0) s->suspects[i * PieceSize()] = trouble_[i];
     }
     dirty_ = false;
     unpersisted_bytes_ = 0;

@@ -288,10 +288,8 @@ class BlobImpl final : public Blob,
   bool repair_step_queued_ = false;       // GUARDED_BY(mu_)
   // Ranking of repair candidates, from what the cache sees of the fetch: trouble_[i] counts
   // fetch troubles (retries, stalls, slow re-requests: FetchStats) that happened while piece i
-  // was partly written; runs_[i] counts runs of bytes that began inside piece i (splits, out of
-  // order arrival). Sized lazily to the piece count.
+  // was partly written. Sized lazily to the piece count.
   std::vector<uint32_t> trouble_;  // GUARDED_BY(mu_)
-  std::vector<uint32_t> runs_;     // GUARDED_BY(mu_)
   int trouble_seen_ = 0;           // GUARDED_BY(mu_): FetchStats troubles counted so far
   fetch::Fetch* sink_fetch_ = nullptr;  // GUARDED_BY(mu_): the live Fetch, for its Stats()
   // Chunks: the registry's per-chunk digests, in offset order (empty: none known).

@@ -68,9 +68,8 @@ std::string EncodeState(const PartialState& s) {
   for (const ByteRange& r : s.verified.Ranges()) {
     out += "verified " + std::to_string(r.begin) + " " + std::to_string(r.end) + "\n";
   }
-  for (const auto& [offset, x] : s.suspects) {
-    out += "suspect " + std::to_string(offset) + " " + std::to_string(x.troubles) + " " +
-           std::to_string(x.runs) + "\n";
+  for (const auto& [offset, troubles] : s.suspects) {
+    out += "suspect " + std::to_string(offset) + " " + std::to_string(troubles) + "\n";
   }
   out += "checksum " + Sha256::Of(out).Hex() + "\n";
   return out;
@@ -175,16 +174,14 @@ StatusOr<PartialState> DecodeState(std::string_view text, const Digest& digest, 
   for (; i < lines.size(); ++i) {
     std::string_view rest;
     if (!Field(lines[i], "suspect", &rest)) break;
-    const size_t a = rest.find(' '), b = a == std::string_view::npos ? a : rest.find(' ', a + 1);
-    uint64_t off, troubles, runs;
-    if (b == std::string_view::npos || !ParseU64(rest.substr(0, a), &off) ||
-        !ParseU64(rest.substr(a + 1, b - a - 1), &troubles) ||
-        !ParseU64(rest.substr(b + 1), &runs) || off >= size || troubles > UINT32_MAX ||
-        runs > UINT32_MAX || troubles + runs == 0 ||
-        (!s.suspects.empty() && off <= s.suspects.rbegin()->first)) {
+    const size_t sp = rest.find(' ');
+    uint64_t off, troubles;
+    if (sp == std::string_view::npos || !ParseU64(rest.substr(0, sp), &off) ||
+        !ParseU64(rest.substr(sp + 1), &troubles) || off >= size || troubles == 0 ||
+        troubles > UINT32_MAX || (!s.suspects.empty() && off <= s.suspects.rbegin()->first)) {
       return DataLoss("state file: bad suspect line");
     }
-    s.suspects[off] = {static_cast<uint32_t>(troubles), static_cast<uint32_t>(runs)};
+    s.suspects[off] = static_cast<uint32_t>(troubles);
   }
   if (i != lines.size()) return DataLoss("state file: unexpected line");
   for (const ByteRange& r : s.verified.Ranges()) {

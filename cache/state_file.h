@@ -11,9 +11,9 @@
 //   verified <begin> <end>           bytes of chunks that matched their chunk digest (a subset
 //                                    of the present ranges; partial/sha256-<hex>.chunks holds
 //                                    the chunk digests); ascending, disjoint
-//   suspect <offset> <troubles> <runs>  repair ranking of the piece starting at offset: fetch
-//                                    troubles seen while it was partly written, and runs of
-//                                    bytes that began inside it; ascending, non-zero only
+//   suspect <offset> <troubles>      repair ranking of the piece starting at offset: fetch
+//                                    troubles seen while it was partly written; ascending,
+//                                    non-zero only
 //   checksum <64 hex>                SHA-256 of every byte above this line
 //
 // Versions 1 (no checkpoint lines) and 2 (no verified lines) are still read.
@@ -43,11 +43,7 @@ struct PartialState {
   // Sha256::SaveState() after hashing [0, offset), for some offsets <= frontier.
   std::map<uint64_t, std::string> checkpoints;
   RangeSet verified;  // within present
-  struct Suspect {
-    uint32_t troubles = 0, runs = 0;
-    friend bool operator==(const Suspect&, const Suspect&) = default;
-  };
-  std::map<uint64_t, Suspect> suspects;  // by piece start offset (< size)
+  std::map<uint64_t, uint32_t> suspects;  // fetch troubles by piece start offset (< size)
   // Decode only: the saved hash state was unusable here, so frontier and sha_state were reset
   // to the start (the present ranges are still good).
   bool hash_reset = false;

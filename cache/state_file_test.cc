@@ -22,8 +22,8 @@ PartialState Sample() {
   s.checkpoints[32] = h32.SaveState();
   s.verified.Add(0, 100);
   s.verified.Add(550, 600);
-  s.suspects[0] = {0, 2};
-  s.suspects[512] = {3, 1};
+  s.suspects[0] = 2;
+  s.suspects[512] = 3;
   return s;
 }
 
@@ -146,9 +146,9 @@ TEST(StateFileTest, RejectsInconsistentContents) {
   EXPECT_FALSE(
       DecodeState(Resign(Replace(text, "checksum", "junk\nchecksum")), s.digest, s.size).ok());
   // Suspects past the end, out of order, all zero, or malformed.
-  for (const char* bad : {"suspect 1000 3 1", "suspect 0 3 1", "suspect 512 0 0", "suspect 512 3",
-                          "suspect 512 3 x", "suspect 512 99999999999 1"}) {
-    EXPECT_FALSE(DecodeState(Resign(Replace(text, "suspect 512 3 1", bad)), s.digest, s.size).ok())
+  for (const char* bad : {"suspect 1000 3", "suspect 0 3", "suspect 512 0", "suspect 512",
+                          "suspect 512 x", "suspect 512 3 1", "suspect 512 99999999999"}) {
+    EXPECT_FALSE(DecodeState(Resign(Replace(text, "suspect 512 3", bad)), s.digest, s.size).ok())
         << bad;
   }
   // Verified bytes that are not present, out of order, or before the range lines.

@@ -274,7 +274,8 @@ void BlobFetch::Schedule() {
     if (!host_->TryAcquireSlot(demand)) break;
     ByteRange r = *next;
     uint64_t ps = std::max<uint64_t>(1, opts_.part_size);
-    uint64_t e = std::min(r.end, opts_.align_bytes > 0 ? (r.begin / ps + 1) * ps : r.begin + ps);
+    uint64_t e = std::min(r.end, opts_.align_bytes > 0 ? (r.begin / ps + 1) * ps
+                                                        : r.begin + (demand ? ps : BackgroundPartSize()));
     (demand ? todo_demand_ : todo_bg_).Remove(r.begin, e);
     StartAttempt(NewPart(r.begin, e, demand, false));
     if (cancelled_ || failed_) return;
@@ -283,6 +284,14 @@ void BlobFetch::Schedule() {
     while (SplitTail()) {
     }
   }
+}
+
+uint64_t BlobFetch::BackgroundPartSize() const {
+  const uint64_t ps = std::max<uint64_t>(1, opts_.part_size);
+  if (opts_.min_part_size == 0 || opts_.min_part_size >= ps) return ps;
+  const uint64_t share = todo_bg_.TotalBytes() / (4 * std::max(1, opts_.concurrency));
+  constexpr uint64_t kGrain = 1 << 20;  // whole MiBs: tidy ranges, page-aligned writes
+  return std::clamp((share + kGrain - 1) / kGrain * kGrain, opts_.min_part_size, ps);
 }
 
 // No tail: an idle slot takes over the end of the in-flight part expected to finish last. The

@@ -6,7 +6,8 @@
 // Cancel() there synchronously from its destructor, so no Sink call can follow it.
 //
 // Shape of a fetch: the blob URL is resolved once (registry redirect to a CDN, or the registry
-// itself); wanted bytes are cut into parts of part_size; each part streams Range requests into
+// itself); wanted bytes are cut into parts of part_size (shrinking toward the end with
+// min_part_size, so bytes land nearly in order); each part streams Range requests into
 // the Sink, resuming from its next unwritten byte after any failure. Demand() bytes jump the
 // queue (and may split an in-flight part); idle slots split the largest remaining part (no
 // tail); stalled or slow parts are re-requested on a fresh connection.
@@ -124,6 +125,7 @@ class BlobFetch : public std::enable_shared_from_this<BlobFetch> {
   void NextSource(Part* p, const std::string& why, bool unhealthy);
   void MirrorWarming(Part* p);
   uint64_t AlignDown(uint64_t x) const;
+  uint64_t BackgroundPartSize() const;  // FetchOptions::min_part_size
   void Fail(const Status& s);
   void Tick();
   void EnsureTick();

@@ -232,6 +232,38 @@ TEST(BlobFetchTest, PartsOutOfOrderGiveTheRightDigest) {
   EXPECT_FALSE(s.saw_auth);  // anonymous registry: nothing to send
 }
 
+// Guided part sizes: parts shrink from unassigned / (4 × concurrency) to min_part_size, so the
+// last bytes to land are a few small parts, not concurrency big ones.
+TEST(BlobFetchTest, GuidedPartsShrinkTowardTheEnd) {
+  BlobServer s(48 << 20);
+  ClientOptions o = TestOptions();
+  o.fetch.part_size = 8 << 20;
+  o.fetch.min_part_size = 1 << 20;
+  o.fetch.concurrency = 2;
+  auto client = NewClient(o);
+  VecSink sink(s.blob.size());
+  auto f = client->Start(s.Where(), {{0, s.blob.size()}}, &sink);
+  ASSERT_TRUE(sink.WaitComplete(20));
+  ExpectClean(sink, s.digest);
+  auto ranges = s.Ranges();
+  std::erase(ranges, std::make_pair(uint64_t{0}, uint64_t{0}));  // the URL probe
+  std::sort(ranges.begin(), ranges.end());
+  ASSERT_GE(ranges.size(), 3u);
+  EXPECT_EQ(ranges.front(), std::make_pair(uint64_t{0}, uint64_t{(6 << 20) - 1}))
+      << "48 MiB / (4 × 2)";
+  uint64_t next = 0, last_size = ~uint64_t{0};
+  for (const auto& [first, last] : ranges) {
+    EXPECT_EQ(first, next) << "parts are contiguous, each asked for once";
+    const uint64_t size = last - first + 1;
+    EXPECT_LE(size, last_size) << "part at " << first << " is larger than the one before it";
+    EXPECT_GE(size, uint64_t{1} << 20);
+    last_size = size;
+    next = last + 1;
+  }
+  EXPECT_EQ(next, s.blob.size());
+  EXPECT_EQ(last_size, uint64_t{1} << 20);
+}
+
 TEST(BlobFetchTest, OnlyWantedRangesAreFetched) {
   BlobServer s(8 << 20);
   auto client = NewClient();

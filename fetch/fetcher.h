@@ -45,6 +45,12 @@ class Sink {
 
 struct FetchOptions {
   uint64_t part_size = 64ull << 20;
+  // Guided part sizes: when non-zero (and align_bytes is 0), each background part is the
+  // unassigned bytes / (4 × concurrency), clamped to [min_part_size, part_size], so parts shrink
+  // as the blob nears its end. Bytes then land nearly in order: the cache's hash frontier is
+  // about concurrency × min_part_size behind when the last byte lands, instead of everything
+  // but the first part (a blob of at most concurrency parts has them all in flight at once).
+  uint64_t min_part_size = 0;
   int concurrency = 32;         // parts in flight for this blob
   double stall_timeout_s = 10;  // no byte for this long (also before the first) = stalled
   // Extra parts a Demand() may start beyond `concurrency` (and beyond the global cap).

@@ -144,6 +144,9 @@ StatusOr<MountConfig> BuildConfig(const Settings& s, const std::string& mountpoi
   ASSIGN_OR_RETURN(double stall, ParseSeconds(get("stall_timeout", "10")));
   if (stall < 0.1) return InvalidArgument("--stall-timeout must be at least 0.1s");
   c.client.fetch.part_size = part_size;
+  // Parts shrink to this near a blob's end, so the hash frontier trails the last byte by about
+  // concurrency × 2 MiB (fetch/fetcher.h, FetchOptions::min_part_size).
+  c.client.fetch.min_part_size = std::min<uint64_t>(part_size, 2ull << 20);
   c.cache.piece_size = part_size;  // repair re-fetches one part at a time
   if (std::string max = get("cache_max", ""); !max.empty()) {
     ASSIGN_OR_RETURN(c.cache.max_bytes, ParseSize(max));

@@ -91,6 +91,6 @@ def test_one_flipped_byte_is_repaired(cdn_model, mount, cut):
         assert refetched and int(refetched[0]) <= CONCURRENCY, log[-3000:]
         assert redownloaded <= 2 * CONCURRENCY * PART, log[-3000:]
     else:
-        # No fetch trouble to rank by: pieces are re-fetched in order (split pieces first), each
+        # No fetch trouble to rank by: pieces are re-fetched in order, each
         # once at most; the bytes are still not thrown away and re-downloaded as a whole blob.
         assert refetched and int(refetched[0]) <= size // PART + 1, log[-3000:]

@@ -280,9 +280,10 @@ void BlobFetch::Schedule() {
     StartAttempt(NewPart(r.begin, e, demand, false));
     if (cancelled_ || failed_) return;
   }
-  if (todo_demand_.empty() && todo_bg_.empty()) {
-    while (SplitTail()) {
-    }
+  // With work still queued, only crawlers are split (into a reserved slot): their bytes are
+  // the ones the cache's hash frontier will wait for, since guided parts land nearly in order.
+  const bool crawlers_only = !todo_demand_.empty() || !todo_bg_.empty();
+  while (SplitTail(crawlers_only)) {
   }
 }
 
@@ -299,7 +300,7 @@ uint64_t BlobFetch::BackgroundPartSize() const {
 // rate, so both halves should land together: a fast part is halved, while a crawling one keeps
 // only what it can deliver meanwhile (without this, a 200 KB/s connection holding its last MiB
 // sets the blob's finish time).
-bool BlobFetch::SplitTail() {
+bool BlobFetch::SplitTail(bool crawlers_only) {
   const int in_flight = static_cast<int>(parts_.size());
   if (in_flight >= opts_.concurrency + opts_.demand_slots) return false;
   const auto now = Clock::now();
@@ -325,10 +326,19 @@ bool BlobFetch::SplitTail() {
     double remaining = static_cast<double>(p.end - p.next);
     return rate > 0 ? remaining / rate : remaining / std::max(median, 1.0);
   };
+  auto crawls = [&](const Part& p) {
+    const double rate = rate_of(p);
+    return rate > 0 && median > 0 && rate < kCrawlFraction * median;
+  };
   Part* best = nullptr;
   for (auto& [id, p] : parts_) {
     if (p->stream || !p->xfer || p->end <= p->next) continue;
-    if (!best || finish_in(*p) > finish_in(*best)) best = p.get();
+    if (!crawlers_only) {
+      if (!best || finish_in(*p) > finish_in(*best)) best = p.get();
+    } else if (crawls(*p) && finish_in(*p) >= kMinSplitGainSeconds &&
+               (!best || p->next < best->next)) {
+      best = p.get();  // the lowest crawler: the frontier reaches it first
+    }
   }
   // A split aborts its part's request at the split point, wasting what is already in flight on
   // that connection (1-2 MiB on a fast link): only worth it when it saves real time.
@@ -336,11 +346,16 @@ bool BlobFetch::SplitTail() {
   const double best_rate = rate_of(*best);
   // With every slot busy, only a crawling part is worth a reserved slot: it would otherwise hold
   // its bytes until a slot frees, long after its siblings are done.
-  const bool crawling = best_rate > 0 && median > 0 && best_rate < kCrawlFraction * median;
-  if (in_flight >= opts_.concurrency && !crawling) return false;
+  if (in_flight >= opts_.concurrency && !crawls(*best)) return false;
   const uint64_t remaining = best->end - best->next;
   double keep_share = 0.5;
-  if (best_rate > 0 && median > 0) keep_share = best_rate / (best_rate + median);
+  if (crawls(*best)) {
+    // Its rate includes the burst that filled the socket buffers before the server's pacing
+    // set in, so it would keep more than it can deliver: keep only up to the next granule.
+    keep_share = 0;
+  } else if (best_rate > 0 && median > 0) {
+    keep_share = best_rate / (best_rate + median);
+  }
   // Rounded up to a granule (or to the mirror alignment): rounding down could land at or
   // before the part's next byte, and a crawling part keeps only a few KiB.
   const uint64_t granule = opts_.align_bytes > 0 ? opts_.align_bytes : kSplitGranule;

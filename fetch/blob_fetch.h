@@ -131,7 +131,9 @@ class BlobFetch : public std::enable_shared_from_this<BlobFetch> {
   void EnsureTick();
   double MedianRate() const;
   bool WriteToSink(Part* p, PartTransfer* t, uint64_t offset, const char* data, size_t len);
-  bool SplitTail();
+  // Splits the in-flight part expected to finish last (or, crawlers_only, the lowest crawling
+  // part) into a free or reserved slot. False when nothing was split.
+  bool SplitTail(bool crawlers_only);
   void SplitForDemand(uint64_t begin, uint64_t end);
   void Takeover(uint64_t begin, uint64_t end, bool demand);
   std::optional<ByteRange> NextDemand();

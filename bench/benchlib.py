@@ -1,4 +1,5 @@
-"""benchlib.py: shared pieces of bench/fetch_bench.py and bench/read_bench.py (Python 3 stdlib).
+"""benchlib.py: shared pieces of bench/fetch_bench.py, read_bench.py and verify_bench.py (Python
+3 stdlib).
 
 - ensure_blob(): a random blob of N MiB, generated once into $MODELFS_BENCH_CACHE (default
   /var/tmp/modelfs-bench) with its SHA-256 beside it.
@@ -11,6 +12,10 @@
     /v2/library/<model>/manifests/<tag>     a Docker v2 manifest naming them
   paced: the cap is per connection (TCP pacing); nginx: `limit_rate` per request, which lets
   each response start with one second's worth of bytes at full speed (see paced_server.py).
+  Optionally also Ollama's chunk digests of each blob (chunk_mib), and one flipped byte in the
+  first response to reach an offset (flip; paced only).
+- ensure_chunksums(): the chunksums text of a file for N MiB chunks, computed once and cached
+  beside the blob.
 - run(): a child process measured with os.wait4 (wall, user+sys CPU, peak RSS).
 - Daemon: a FUSE daemon started in the foreground (modelfs or rclone), measured through
   /proc/<pid>/stat (utime+stime) and /proc/<pid>/status (VmHWM) while it is still mounted.
@@ -118,6 +123,52 @@ def ensure_blob(size_mib):
     return path, cached_sha256(path)
 
 
+def ensure_chunksums(path, chunk_mib):
+    """Ollama's chunksums text for path in chunk_mib MiB chunks: one line per chunk,
+    "sha256:<hex> <start>-<end>" (decimal, end inclusive). Hashing 1 GiB takes seconds, so the
+    text is cached beside the blob (<blob>.chunksums-<N>M; for a file outside $MODELFS_BENCH_CACHE
+    a name keyed by its path there) and reused while it is newer than the file and covers it."""
+    st = os.stat(path)
+    ap = os.path.abspath(path)
+    if os.path.dirname(ap) == os.path.abspath(BENCH_CACHE):
+        side = "%s.chunksums-%dM" % (ap, chunk_mib)
+    else:
+        side = os.path.join(BENCH_CACHE, "chunksums-%s-%dM" % (
+            hashlib.sha256(ap.encode()).hexdigest()[:16], chunk_mib))
+    try:
+        if os.stat(side).st_mtime_ns >= st.st_mtime_ns:
+            with open(side) as f:
+                text = f.read()
+            last = text.rstrip("\n").rsplit("\n", 1)[-1]
+            if st.st_size == 0 and text == "" or last.endswith("-%d" % (st.st_size - 1)):
+                return text
+    except OSError:
+        pass
+    log("computing %d MiB chunk digests of %s (once)" % (chunk_mib, path))
+    step = chunk_mib * MIB
+    lines = []
+    buf = bytearray(8 * MIB)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        for start in range(0, st.st_size, step):
+            end = min(start + step, st.st_size)
+            h = hashlib.sha256()
+            pos = start
+            while pos < end:
+                n = f.readinto(view[:min(len(buf), end - pos)])
+                if not n:
+                    raise OSError("%s shrank while hashing" % path)
+                h.update(view[:n])
+                pos += n
+            lines.append("sha256:%s %d-%d\n" % (h.hexdigest(), start, end - 1))
+    text = "".join(lines)
+    os.makedirs(BENCH_CACHE, exist_ok=True)
+    with open(side + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(side + ".tmp", side)
+    return text
+
+
 # ---- page cache ----------------------------------------------------------------------------
 
 _drop_warned = False
@@ -178,11 +229,18 @@ class BlobServer:
     ("200k"): that share of requests is sent at slow_rate (nginx: split_clients on $request_id;
     paced: a seeded PRNG per request).
     models: {model_tag: (file_path, sha256_hex)}; the file is published as the model layer.
+    chunk_mib: also publish each blob's chunk digests in chunk_mib MiB chunks, as Ollama's
+    registry does, at /v2/library/<model>/chunksums/sha256:<hex> (a static file).
+    flip: a byte offset; the first response to reach it sends that byte XORed with 0x01
+    (paced_server.py --flip; the paced backend only).
     """
 
     def __init__(self, models, rate=None, slow_share=None, slow_rate="200k", backend="paced",
-                 seed=1):
+                 seed=1, chunk_mib=None, flip=None):
+        if flip is not None and backend != "paced":
+            raise ValueError("flip needs the paced server")
         self.backend = backend
+        self.flip = flip
         self.root = tempfile.mkdtemp(prefix="modelfs-bench-www-")
         os.chmod(self.root, 0o755)  # nginx workers run as nobody
         self.models = {}
@@ -202,6 +260,10 @@ class BlobServer:
             with open(os.path.join(repo, "blobs", "sha256:" + config_hex), "wb") as f:
                 f.write(config)
             os.symlink(os.path.abspath(path), os.path.join(repo, "blobs", "sha256:" + hexd))
+            if chunk_mib:
+                os.makedirs(os.path.join(repo, "chunksums"), exist_ok=True)
+                with open(os.path.join(repo, "chunksums", "sha256:" + hexd), "w") as f:
+                    f.write(ensure_chunksums(path, chunk_mib))
             name = "%s-%s%s" % (model, tag, os.path.splitext(path)[1] or ".bin")
             os.symlink(os.path.abspath(path), os.path.join(files, name))
             manifest = {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA,
@@ -251,7 +313,8 @@ class BlobServer:
             [sys.executable, os.path.join(BENCH_DIR, "paced_server.py"), "--root", self.root,
              "--rate", str(parse_rate(rate)), "--slow-share", str(share),
              "--slow-rate", str(parse_rate(slow_rate)), "--seed", str(seed),
-             "--access-log", self.access_log_path],
+             "--access-log", self.access_log_path]
+            + (["--flip", str(self.flip)] if self.flip is not None else []),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
             start_new_session=True)
         line = self.proc.stdout.readline()
@@ -285,6 +348,22 @@ class BlobServer:
         except OSError:
             pass
         return out
+
+    def flipped(self):
+        """(range start, body bytes) of the response paced_server flipped a byte in, or None."""
+        try:
+            with open(self.access_log_path) as f:
+                for line in f:
+                    p = line.split()
+                    if len(p) >= 8 and p[7].startswith("flip="):
+                        rng = p[3]
+                        start = (int(rng.split("=", 1)[1].split("-", 1)[0])
+                                 if rng.startswith("bytes=") and not rng.startswith("bytes=-")
+                                 else 0)
+                        return start, int(p[2])
+        except (OSError, ValueError):
+            pass
+        return None
 
     def requests_since_mark(self):
         """Access-log entries since the last call."""

@@ -21,9 +21,24 @@ Rates (bytes/s, per request, set on the connection before the body is sent):
   --slow-share P       with probability P (0..1) a request is sent at --slow-rate instead,
   --slow-rate S        drawn per request from a PRNG seeded with --seed (nginx's
                        split_clients on $request_id, reproducibly)
+Fault injection (bench/verify_bench.py):
+  --flip OFFSET        the first response to reach byte OFFSET of its file (any file; one per
+                       server process, whichever thread gets there first) sends that byte
+                       XORed with 0x01. A response covering OFFSET goes out with sendfile up
+                       to it; there it takes the flip (under the lock) or not, sends the byte
+                       by pread/modify/write if it did, and sendfile carries on after it, at
+                       the same pacing. Every other response, including later ones covering
+                       OFFSET (the client's re-fetch), is unchanged. The flip is taken at the
+                       byte, not when the response starts, because a client may cut a part
+                       before it reaches OFFSET (modelfs splits the tail of a part it is
+                       waiting for): "first response covering OFFSET" would then waste the
+                       fault. The response that took it ends its access-log line with
+                       "flip=<OFFSET>".
 Prints "PORT <n>" on stdout once listening on 127.0.0.1:<free port>. Appends one line per
 request to --access-log: "<path> <status> <body bytes> <range or -> <rate> <t_begin> <t_end>"
-(body bytes: what the client's TCP acknowledged if it went away mid-body; CLOCK_MONOTONIC s).
+(body bytes: what the client's TCP acknowledged if it went away mid-body; CLOCK_MONOTONIC s),
+plus " flip=<OFFSET>" on the flipped response (the client's TCP acknowledged the flipped byte
+if body bytes > OFFSET - range start; a client that cancels may still drop it unread).
 Runs until SIGTERM. Thread per connection (ThreadingHTTPServer).
 """
 import argparse
@@ -96,11 +111,20 @@ def main():
     ap.add_argument("--slow-rate", type=int, default=200 * 1024)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--access-log", required=True)
+    ap.add_argument("--flip", type=int, default=None, metavar="OFFSET",
+                    help="XOR byte OFFSET with 0x01 in the first response to reach it")
     args = ap.parse_args()
     root = os.path.abspath(args.root)
     rng = random.Random(args.seed)
     lock = threading.Lock()
     log = open(args.access_log, "a", buffering=1)
+    flip_pending = [args.flip is not None]  # written under lock; read unlocked only as a hint
+
+    def take_flip():
+        """True for the one response (the first to ask) that is about to send byte --flip."""
+        with lock:
+            mine, flip_pending[0] = flip_pending[0], False
+        return mine
 
     def pick_rate():
         with lock:
@@ -120,12 +144,12 @@ def main():
         def do_HEAD(self):
             self.handle_one(body=False)
 
-        def record(self, path, status, sent, rng_header, rate):
+        def record(self, path, status, sent, rng_header, rate, extra=""):
             now = time.monotonic()
             with lock:
-                log.write("%s %d %d %s %d %.4f %.4f\n"
+                log.write("%s %d %d %s %d %.4f %.4f%s\n"
                           % (path, status, sent, rng_header or "-", rate,
-                             getattr(self, "t_begin", now), now))
+                             getattr(self, "t_begin", now), now, extra))
 
         def small(self, status, data, ctype="text/plain", body=True, extra=None):
             self.send_response(status)
@@ -189,11 +213,24 @@ def main():
             self.end_headers()  # headers leave in one write: count them out below
             header_len = bytes_acked_pending(self.connection, acked0)
             sent = 0
+            flipped = False
+            flip_here = args.flip is not None and start <= args.flip <= end
             if body:
                 out = self.connection.fileno()
                 try:
                     while sent < length:
-                        n = os.sendfile(out, fd, start + sent, min(length - sent, 64 << 20))
+                        pos = start + sent
+                        if flip_here and pos == args.flip and not flipped and take_flip():
+                            byte = bytearray(os.pread(fd, 1, pos))
+                            byte[0] ^= 0x01
+                            self.connection.sendall(byte)
+                            sent += 1
+                            flipped = True
+                            continue
+                        n = length - sent
+                        if flip_here and pos < args.flip and flip_pending[0]:
+                            n = args.flip - pos  # stop at the byte to take the flip there
+                        n = os.sendfile(out, fd, pos, min(n, 64 << 20))
                         if n == 0:
                             break
                         sent += n
@@ -204,7 +241,8 @@ def main():
                 # drained or the client is gone, and count what its TCP acknowledged.
                 drain(self.connection)
                 sent = min(sent, max(0, bytes_acked(self.connection) - acked0 - header_len))
-            self.record(path, status, sent, rng_header, rate)
+            self.record(path, status, sent, rng_header, rate,
+                        " flip=%d" % args.flip if flipped else "")
 
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True

@@ -240,17 +240,11 @@ std::vector<std::pair<std::string, std::string>> Control::BlobXattrs(
     const manifest::Descriptor& blob) {
   cache::BlobStatus s;
   bool found = false;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    auto it = tracked_.find(blob.digest);
-    if (it != tracked_.end() && it->second.live) {
-      // Fresh numbers for a live blob: ask the cache now rather than use the last sample.
-      for (cache::BlobStatus& live : cache_->ListBlobs()) {
-        if (live.digest == blob.digest) {
-          s = std::move(live);
-          found = true;
-        }
-      }
+  // Fresh numbers for a blob the cache has alive: ask it now, not the last once-a-second sample.
+  for (cache::BlobStatus& live : cache_->ListBlobs()) {
+    if (live.digest == blob.digest) {
+      s = std::move(live);
+      found = true;
     }
   }
   if (!found) {

@@ -31,6 +31,7 @@ Not thread-safe: use from one thread (pytest fixtures, a demo script).
 
 import base64
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -85,6 +86,23 @@ def parse_range(header, size):
                 start, end = max(0, size - int(m.group(2))), size - 1
             status = 416 if start >= size or start > end else 206
     return start, end, status
+
+
+def sha256_file(path_or_fd):
+    """Hex SHA-256 of a file, by path, or through an open fd (read from offset 0, left open)."""
+    h = hashlib.sha256()
+    fd = os.open(path_or_fd, os.O_RDONLY) if isinstance(path_or_fd, str) else path_or_fd
+    try:
+        offset = 0
+        while True:
+            b = os.pread(fd, 1 << 20, offset)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+            offset += len(b)
+    finally:
+        if fd is not path_or_fd:
+            os.close(fd)
 
 
 def wait_until(predicate, timeout, what, interval=0.05):
@@ -410,6 +428,20 @@ def rate_limited_proxy(upstream_url, rate="1m", slow_share=None, slow_rate="200k
     return Nginx(server, http_extra)
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, no request log, and a client that drops the connection is fine."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
 class CdnServer:
     """A static file server standing in for a blob CDN (the target of a registry's 307).
 
@@ -435,18 +467,7 @@ class CdnServer:
         self._lock = threading.Lock()
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def handle_one_request(self):
-                try:
-                    super().handle_one_request()
-                except (BrokenPipeError, ConnectionResetError):  # a client dropped us: fine
-                    self.close_connection = True
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 server._handle(self, body=True)
 
@@ -797,18 +818,7 @@ class ChunksumsFront:
         self._lock = threading.Lock()
         front = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def handle_one_request(self):
-                try:
-                    super().handle_one_request()
-                except (BrokenPipeError, ConnectionResetError):
-                    self.close_connection = True
-
+        class Handler(QuietHandler):
             def _any(self):
                 front._handle(self)
 

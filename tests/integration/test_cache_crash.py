@@ -3,7 +3,6 @@ through a rate-limited nginx, 20 times, remounting each time; the blob must then
 the right digest, having re-downloaded at most one part per connection in flight per kill
 (nginx's access log counts the bytes served).
 """
-import hashlib
 import os
 import random
 import time
@@ -16,21 +15,11 @@ CONCURRENCY = 4
 ROUNDS = 20
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(MiB)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def test_kill_9_at_random_points_then_resume(registry, workdir, mount, tmp_path):
     gguf = harness.make_gguf(os.path.join(workdir, "crash.gguf"), 256, seed=12)
     harness.push_model(registry.url, "crash:256m", {"model": gguf})
     size = os.path.getsize(gguf)
-    want = sha256_file(gguf)
+    want = harness.sha256_file(gguf)
     cache = str(tmp_path / "cache")
     blob = os.path.join(cache, "blobs", "sha256-" + want)
     args = ["--part-size", "4M", "--concurrency", str(CONCURRENCY)]
@@ -51,9 +40,9 @@ def test_kill_9_at_random_points_then_resume(registry, workdir, mount, tmp_path)
             assert not os.path.exists(blob), "committed after %d kills: make it slower" % i
         served_during_kills = sum(b for uri, _, b, _ in proxy.access_log() if "/blobs/" in uri)
         m = mount(registry_url=proxy.url, cache=cache, args=args)
-        assert sha256_file(m.path("crash:256m", "model.gguf")) == want
+        assert harness.sha256_file(m.path("crash:256m", "model.gguf")) == want
         harness.wait_until(lambda: os.path.exists(blob), 60, "the commit")
-        assert sha256_file(blob) == want
+        assert harness.sha256_file(blob) == want
         served = sum(b for uri, _, b, _ in proxy.access_log() if "/blobs/" in uri)
     again = served - size
     print("\n%d kills: %d bytes served for a %d-byte blob (%d before the last mount), "

@@ -25,20 +25,10 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def test_disk_full_pauses_then_completes(registry, workdir, small_tmpfs, mount):
     gguf = harness.make_gguf(os.path.join(workdir, "enospc.gguf"), 64, seed=5)
     harness.push_model(registry.url, "enospc:64m", {"model": gguf})
-    want = sha256_file(gguf)
+    want = harness.sha256_file(gguf)
     cache = os.path.join(small_tmpfs, "cache")
     m = mount(cache=cache, args=["--part-size", "4M", "--concurrency", "4"])
     path = m.path("enospc:64m", "model.gguf")
@@ -71,7 +61,7 @@ def test_disk_full_pauses_then_completes(registry, workdir, small_tmpfs, mount):
     assert result.get("sha") == want, result
     blob = os.path.join(cache, "blobs", "sha256-" + want)
     harness.wait_until(lambda: os.path.exists(blob), 30, "the committed blob")
-    assert sha256_file(blob) == want
+    assert harness.sha256_file(blob) == want
     log = m.log_text()
     assert "fetching resumed" in log, log[-3000:]
     print("\n".join(l for l in log.splitlines() if "disk" in l or "verified" in l or "retrying" in l)[:3000])

@@ -27,23 +27,6 @@ def cdn_model(tmp_path_factory):
         yield reg, harness.FaultyCdn(reg.cdn), os.path.getsize(gguf), want
 
 
-def read_sha(path_or_fd):
-    """SHA-256 of a file, by path, or through an open fd (from offset 0, left open)."""
-    h = hashlib.sha256()
-    fd = os.open(path_or_fd, os.O_RDONLY) if isinstance(path_or_fd, str) else path_or_fd
-    try:
-        offset = 0
-        while True:
-            b = os.pread(fd, MiB, offset)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-            offset += len(b)
-    finally:
-        if fd is not path_or_fd:
-            os.close(fd)
-
-
 @pytest.mark.parametrize("cut", [False, True], ids=["flip", "flip-and-cut"])
 def test_one_flipped_byte_is_repaired(cdn_model, mount, cut):
     reg, cdn, size, want = cdn_model
@@ -56,20 +39,20 @@ def test_one_flipped_byte_is_repaired(cdn_model, mount, cut):
     # byte (and leave it in the page cache); a read after the commit must not, neither through a
     # new open nor through this one, kept open across the repair.
     kept = os.open(path, os.O_RDONLY)
-    read_sha(kept)
+    harness.sha256_file(kept)
     blob = os.path.join(m.cache, "blobs", "sha256-" + want)
     harness.wait_until(lambda: os.path.exists(blob), 60, "the repaired blob's commit")
     # The commit (rename) comes just before its log line.
     harness.wait_until(lambda: "repaired after re-fetching" in m.log_text(), 10, "the repair's log")
     log = m.log_text()
-    assert read_sha(blob) == want, log[-3000:]
+    assert harness.sha256_file(blob) == want, log[-3000:]
     # First through the file kept open (a new open drops the inode's cached pages itself)...
     try:
-        assert read_sha(kept) == want, "the open file still serves the bad page: " + log[-3000:]
+        assert harness.sha256_file(kept) == want, "the open file still serves the bad page: " + log[-3000:]
     finally:
         os.close(kept)
     # ... then reopening after the commit must not serve pages cached before the repair either.
-    assert read_sha(path) == want, log[-3000:]
+    assert harness.sha256_file(path) == want, log[-3000:]
     assert cdn.fired
     assert "repairing" in log, log[-3000:]
     # Bytes served from the moment the mismatch was logged (the daemon logs wall-clock time of

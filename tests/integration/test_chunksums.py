@@ -76,16 +76,6 @@ def publish(o, lines):
     o.front.set_chunksums(o.digest, harness.chunksums_text(None, lines=lines))
 
 
-def read_sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(MiB)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def blob_status(m, o):
     """The blob's entry in the mount's status JSON, or None. Read it while the blob is open: a
     blob opened and closed between two of the daemon's 1 s samples is never listed."""
@@ -166,7 +156,7 @@ def test_chunks_are_verified_and_the_blob_commits(o, mount, chunk):
     path = m.path(MODEL, "model.gguf")
     fd = os.open(path, os.O_RDONLY)  # listed in status while open
     try:
-        assert read_sha(path) == o.hex
+        assert harness.sha256_file(path) == o.hex
         wait_committed(m, o)
         st = verified_status(m, o)
     finally:
@@ -206,8 +196,8 @@ def test_a_bad_chunk_is_refetched_alone(o, mount, cut):
     assert not lines_with(log, DISAGREE), log[-3000:]
     assert st.get("chunks") == {"total": len(lines), "verified": len(lines), "refetched": 1,
                                 "distrusted": False}, (st, log[-3000:])
-    assert read_sha(blob) == o.hex
-    assert read_sha(path) == o.hex, log[-3000:]
+    assert harness.sha256_file(blob) == o.hex
+    assert harness.sha256_file(path) == o.hex, log[-3000:]
 
     # Re-downloaded = bytes the CDN served a second time. Without the fault every byte is
     # served once (see above), so they are the bad chunk's re-fetch (CHUNK bytes) plus, at
@@ -348,8 +338,8 @@ def test_a_wrong_chunk_digest_is_distrusted(o, mount, hold_end):
           % ("end held" if hold_end else "racing the commit", o.cdn.duplicate, CHUNK,
              o.cdn.aborted_bytes()))
     assert o.cdn.duplicate <= CHUNK + o.cdn.aborted_bytes(), o.cdn.requests
-    assert read_sha(blob) == o.hex
-    assert read_sha(path) == o.hex
+    assert harness.sha256_file(blob) == o.hex
+    assert harness.sha256_file(path) == o.hex
 
 
 @pytest.mark.parametrize("status,body", [
@@ -366,7 +356,7 @@ def test_unusable_chunksums_are_ignored(o, mount, status, body):
     path = m.path(MODEL, "model.gguf")
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert read_sha(path) == o.hex
+        assert harness.sha256_file(path) == o.hex
         blob = wait_committed(m, o)
         st = verified_status(m, o)
     finally:
@@ -376,8 +366,8 @@ def test_unusable_chunksums_are_ignored(o, mount, status, body):
     assert (st.get("chunks") or {}).get("total") == 0, (st, log[-3000:])
     for text in (MISMATCH, DISAGREE, REPAIR, DIGEST_MISMATCH):
         assert not lines_with(log, text), log[-3000:]
-    assert read_sha(blob) == o.hex
-    assert read_sha(path) == o.hex
+    assert harness.sha256_file(blob) == o.hex
+    assert harness.sha256_file(path) == o.hex
 
 
 def test_strict_read_is_answered_once_its_chunks_verify(o, mount):
@@ -409,8 +399,8 @@ def test_strict_read_is_answered_once_its_chunks_verify(o, mount):
         os.close(fd)
     assert st["chunks"] == {"total": len(lines), "verified": len(lines), "refetched": 0,
                             "distrusted": False}, st
-    assert read_sha(blob) == o.hex
-    assert read_sha(path) == o.hex
+    assert harness.sha256_file(blob) == o.hex
+    assert harness.sha256_file(path) == o.hex
 
 
 @pytest.mark.parametrize("flag", [["--chunksums", "off"], ["-o", "chunksums=off"]],
@@ -421,7 +411,7 @@ def test_chunksums_off_never_asks(o, mount, flag):
     path = m.path(MODEL, "model.gguf")
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert read_sha(path) == o.hex
+        assert harness.sha256_file(path) == o.hex
         wait_committed(m, o)
         st = verified_status(m, o)
     finally:

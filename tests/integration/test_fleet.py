@@ -8,7 +8,6 @@ Measured figures are printed (pytest -s) and written to $MODELFS_FLEET_RESULTS (
 (e.g. "--log-level debug").
 """
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -33,14 +32,6 @@ NODE_ARGS = ["--part-size", "8M", "--concurrency", "4", "--verify", "strict",
              *os.environ.get("MODELFS_FLEET_ARGS", "").split()]
 RESULTS = {}
 RESULTS_PATH = os.environ.get("MODELFS_FLEET_RESULTS", "/tmp/modelfs-fleet-results.json")
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def proxy_location(upstream):
@@ -94,7 +85,7 @@ def fleet(tmp_path_factory):
         gguf = harness.make_gguf(str(d / "fleet.gguf"), SIZE_MIB, seed=8)
         pushed = harness.push_model(origin.url, MODEL, {"model": gguf})
         with harness.Nginx(proxy_location(origin.url)) as front:
-            yield {"origin": origin, "front": front, "sha": sha256_file(gguf),
+            yield {"origin": origin, "front": front, "sha": harness.sha256_file(gguf),
                    "size": os.path.getsize(gguf), "dir": d,
                    "digest": pushed["layers"][0]["digest"]}
     with open(RESULTS_PATH, "w") as f:
@@ -120,7 +111,7 @@ def run_nodes(fleet, name, registry_url, args=(), env=None, nodes=NODES):
 
         def read(i):
             try:
-                results[i] = sha256_file(mounts[i].path(MODEL, "model.gguf"))
+                results[i] = harness.sha256_file(mounts[i].path(MODEL, "model.gguf"))
             except OSError as e:
                 results[i] = e
 

@@ -15,14 +15,6 @@ import harness
 from conftest import MODELFS
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_all(path):
     with open(path, "rb") as f:
         return f.read()
@@ -49,11 +41,11 @@ def test_stat_does_not_fetch_the_blob(small_model, mount, cache_dir):
 def test_full_read_matches_source_digest_and_commits_blob(small_model, mount, cache_dir):
     m = mount()
     src = small_model["files"]["model"]
-    assert sha256_file(m.path("tiny:1b", "model.gguf")) == sha256_file(src)
-    digest = sha256_file(src)
+    assert harness.sha256_file(m.path("tiny:1b", "model.gguf")) == harness.sha256_file(src)
+    digest = harness.sha256_file(src)
     blob = os.path.join(cache_dir, "blobs", "sha256-" + digest)
     harness.wait_until(lambda: os.path.exists(blob), 20, "blob committed to the cache")
-    assert sha256_file(blob) == digest
+    assert harness.sha256_file(blob) == digest
 
 
 def test_text_layers_and_manifest_are_the_registry_bytes(small_model, registry, mount):
@@ -96,11 +88,11 @@ def test_mmap_read_matches_source(small_model, mount):
 
 def test_concurrent_readers_share_one_download(small_model, mount, cache_dir):
     m = mount()
-    src_digest = sha256_file(small_model["files"]["model"])
+    src_digest = harness.sha256_file(small_model["files"]["model"])
     results = []
 
     def reader():
-        results.append(sha256_file(m.path("tiny:1b", "model.gguf")))
+        results.append(harness.sha256_file(m.path("tiny:1b", "model.gguf")))
 
     threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
@@ -142,9 +134,9 @@ def test_oci_manifest_and_index_formats(small_model, registry, mount):
     harness.push_model(registry.url, "indexed:v1", {"model": small_model["files"]["model"]},
                        fmt="oci-index")
     m = mount()
-    digest = sha256_file(small_model["files"]["model"])
-    assert sha256_file(m.path("ocimodel:v1", "model.gguf")) == digest
-    assert sha256_file(m.path("indexed:v1", "model.gguf")) == digest
+    digest = harness.sha256_file(small_model["files"]["model"])
+    assert harness.sha256_file(m.path("ocimodel:v1", "model.gguf")) == digest
+    assert harness.sha256_file(m.path("indexed:v1", "model.gguf")) == digest
 
 
 def test_root_lists_models_read_before(small_model, registry, mount):
@@ -174,14 +166,14 @@ def test_unmount_and_offline_remount_over_same_cache(small_model, workdir, mount
     with harness.Registry(os.path.join(workdir, "registry-offline")) as reg:
         harness.push_model(reg.url, "tiny:1b", small_model["files"])
         m1 = mount(registry_url=reg.url)
-        digest = sha256_file(m1.path("tiny:1b", "model.gguf"))
+        digest = harness.sha256_file(m1.path("tiny:1b", "model.gguf"))
         for name in os.listdir(m1.path("tiny:1b")):
             read_all(m1.path("tiny:1b", name))
         assert m1.unmount() == 0
     # The registry is gone: the second mount serves from the cache alone.
     m2 = mount(registry_url=reg.url)
     assert "tiny:1b" in os.listdir(m2.dir)
-    assert sha256_file(m2.path("tiny:1b", "model.gguf")) == digest
+    assert harness.sha256_file(m2.path("tiny:1b", "model.gguf")) == digest
     assert read_all(m2.path("tiny:1b", "template")) == read_all(small_model["files"]["template"])
 
 
@@ -203,7 +195,7 @@ def corrupt_registry_blob(reg, digest, offset=1000):
 def test_corrupted_registry_blob_gives_eio_and_logs_both_digests(small_model, workdir, mount):
     with harness.Registry(os.path.join(workdir, "registry-corrupt")) as reg:
         harness.push_model(reg.url, "bad:1", {"model": small_model["files"]["model"]})
-        digest = sha256_file(small_model["files"]["model"])
+        digest = harness.sha256_file(small_model["files"]["model"])
         corrupt_registry_blob(reg, digest)
         m = mount(registry_url=reg.url)
         # Default mode serves bytes as they arrive: the first pass may or may not see EIO,
@@ -226,7 +218,7 @@ def test_strict_mode_never_serves_an_unverified_byte(small_model, workdir, mount
     with harness.Registry(os.path.join(workdir, "registry-strict")) as reg:
         harness.push_model(reg.url, "bad:1", {"model": small_model["files"]["model"]})
         harness.push_model(reg.url, "good:1", small_model["files"])
-        corrupt_registry_blob(reg, sha256_file(small_model["files"]["model"]),
+        corrupt_registry_blob(reg, harness.sha256_file(small_model["files"]["model"]),
                               offset=os.path.getsize(small_model["files"]["model"]) - 10)
         m = mount(registry_url=reg.url, args=("--verify", "strict"))
         fd = os.open(m.path("bad:1", "model.gguf"), os.O_RDONLY)
@@ -260,7 +252,7 @@ def test_mount_helper_via_mount_t(small_model, registry, cache_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     try:
         harness.wait_until(lambda: os.path.ismount(str(mp)), 10, "mounted")
-        want = sha256_file(small_model["files"]["model"])
-        assert sha256_file(str(mp / "tiny:1b" / "model.gguf")) == want
+        want = harness.sha256_file(small_model["files"]["model"])
+        assert harness.sha256_file(str(mp / "tiny:1b" / "model.gguf")) == want
     finally:
         subprocess.run(["umount", str(mp)])

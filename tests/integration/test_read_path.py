@@ -1,7 +1,6 @@
 """The read path (issue #5): reads wait only for their own bytes; parked reads never hang."""
 import errno
 import hashlib
-import mmap
 import os
 import random
 import signal

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-import harness
 
 WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 NOBODY = 65534

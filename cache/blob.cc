@@ -586,7 +586,7 @@ Status BlobImpl::Write(uint64_t offset, const void* data, size_t len) {
     fd = fd_.get();
     repairing = repairing_;
     fetch = sink_fetch_;
-    if (!repairing && Overlaps(compare_, offset, offset + len)) {
+    if (!repairing && !compare_.empty() && Overlaps(compare_, offset, offset + len)) {
       // Bytes of a chunk being re-fetched: a write that changes nothing says the bad bytes are
       // what the server serves (see VerifyChunkStep).
       for (size_t i = ChunkAt(chunks_, offset); i < chunks_.size(); ++i) {

@@ -1,7 +1,7 @@
 // Partial-blob state files (cache/state_file.h) as a crash or an attacker may leave them.
 // Input byte 0 bit 0: when set, the "checksum" line is recomputed over the body before decoding,
 // so the fuzzer reaches the field parsers behind the checksum. Invariants: an accepted state is
-// within bounds, and re-encoding it decodes to the same state.
+// within bounds (verified bytes are present bytes), and re-encoding it decodes to the same state.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -31,9 +31,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     FUZZ_CHECK(s->digest == kDigest && s->size == kSize);
     FUZZ_CHECK(s->frontier <= s->present.PrefixEnd());
     for (const auto& r : s->present.Ranges()) FUZZ_CHECK(r.begin < r.end && r.end <= kSize);
+    for (const auto& r : s->verified.Ranges()) FUZZ_CHECK(s->present.Contains(r.begin, r.end));
+    for (const auto& [off, troubles] : s->suspects) FUZZ_CHECK(off < kSize && troubles > 0);
     auto again = cache::DecodeState(cache::EncodeState(*s), kDigest, kSize);
     FUZZ_CHECK(again.ok());
     FUZZ_CHECK(again->present == s->present && again->frontier == s->frontier);
+    FUZZ_CHECK(again->verified == s->verified && again->suspects == s->suspects);
   }
   return 0;
 }

@@ -351,7 +351,8 @@ int Main(int argc, char** argv) {
   mount->add_option("--concurrency", concurrency,
                     "Range parts in flight per blob (default $MODELFS_CONCURRENCY, else 32)");
   mount->add_option("--part-size", part_size,
-                    "Range part size, e.g. 64M (default $MODELFS_PART_SIZE, else 64M)");
+                    "Largest range part, e.g. 64M; parts shrink to 2M near a blob's end (default "
+                    "$MODELFS_PART_SIZE, else 64M)");
   mount->add_option("--cache-max", cache_max,
                     "Evict least-recently-used closed blobs to keep the cache under SIZE");
   mount->add_option("--stall-timeout", stall_timeout,

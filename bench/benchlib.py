@@ -539,6 +539,15 @@ def wait_file(path, timeout, alive=lambda: True, interval=0.005):
 
 # ---- reporting -----------------------------------------------------------------------------
 
+def add_report_args(ap):
+    """The options every bench shares for its results: --note, --date, --no-write."""
+    import datetime
+    ap.add_argument("--note", default="", help="a line for the results header")
+    ap.add_argument("--date", default=datetime.datetime.utcnow().strftime("%Y-%m-%d"),
+                    help="the results files' date (default: today, UTC)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+
+
 def git_rev():
     try:
         rev = subprocess.run(["git", "-C", REPO_ROOT, "describe", "--always", "--dirty"],

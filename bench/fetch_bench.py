@@ -26,7 +26,6 @@ Prints and writes bench/results/fetch-<date>.{md,png,json} and fetch-latest.{md,
 Usage: bench/fetch_bench.py [--size-mib 1024] [--repeat 1] [--scenarios a,b,c] [--tools ...]
 """
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -265,9 +264,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per tool run (default: 4x the time at 25 MiB/s on 1 connection)")
     ap.add_argument("--no-drop-caches", action="store_true")
-    ap.add_argument("--note", default="", help="a line for the results header")
-    ap.add_argument("--date", default=datetime.datetime.utcnow().strftime("%Y-%m-%d"))
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    B.add_report_args(ap)
     args = ap.parse_args()
     if args.timeout is None:
         args.timeout = max(60.0, 4 * args.size_mib / 25.0)

@@ -24,7 +24,6 @@
 Writes bench/results/read-<date>.{md,json} and read-latest.{md,json}.
 """
 import argparse
-import datetime
 import json
 import os
 import random
@@ -346,9 +345,7 @@ def main():
     ap.add_argument("--modelfs", default=B.default_modelfs())
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--note", default="")
-    ap.add_argument("--date", default=datetime.datetime.utcnow().strftime("%Y-%m-%d"))
-    ap.add_argument("--no-write", action="store_true")
+    B.add_report_args(ap)
     args = ap.parse_args()
     if not os.access(args.modelfs, os.X_OK):
         ap.error("no modelfs binary at %s (scripts/build build-bench, or --modelfs)"

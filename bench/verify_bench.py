@@ -37,7 +37,6 @@ log and the server's access-log lines for it are kept in a /tmp/modelfs-bench-lo
 Usage: bench/verify_bench.py [--size-mib 1024] [--repeat 3] [--chunk-mib 64] [--parts i,ii]
 """
 import argparse
-import datetime
 import json
 import os
 import re
@@ -298,9 +297,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per run (default: max(120, size in MiB / 8))")
     ap.add_argument("--no-drop-caches", action="store_true")
-    ap.add_argument("--note", default="", help="a line for the results header")
-    ap.add_argument("--date", default=datetime.datetime.utcnow().strftime("%Y-%m-%d"))
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    B.add_report_args(ap)
     args = ap.parse_args()
     if args.timeout is None:
         args.timeout = max(120.0, args.size_mib / 8.0)
